@@ -1,0 +1,33 @@
+# The Makefile owns set-up: `make demo` and `make test` work on a fresh machine.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+APT_PKGS := g++ pkg-config ninja-build libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
+
+.PHONY: setup demo demo-compare test flops benchmark clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PKGS)
+	test -x $(PY) || python3 -m venv .venv
+	# torch/torchvision pinned to the wheels on this machine's disk (a CUDA build that runs on CPU)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	# DS_BUILD_OPS=0: DeepSpeed JIT-builds the few ops it needs (CPU has no CUDA toolchain)
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m timm_optdnn.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -x --durations=15
+
+flops: $(STAMP)
+	$(PY) -m timm_optdnn.flops
+
+benchmark: $(STAMP)
+	$(PY) -m timm_optdnn.benchmark
+
+clean:
+	rm -rf .venv build *.egg-info

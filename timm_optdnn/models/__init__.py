@@ -1,0 +1,4 @@
+"""Importing this package registers every OptDNN model with timm."""
+from .convnext_iso import OptDNNConvNeXtIsotropic
+from .schemes import SCHEMES, SchemeBlocks
+from .vit import OptDNNVisionTransformer

@@ -1,0 +1,224 @@
+"""OptDNN isotropic ConvNeXt (Liu et al. 2022, Sec. 3.3) driven by an optimisation scheme.
+
+Keys follow facebookresearch/ConvNeXt's `convnext_isotropic.py`, so its official checkpoints
+({'model': state_dict}) load into the gd twin unchanged and warm-start the apg2 model.
+"""
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from .checkpoint import adapt_scheme_state
+from .schemes import SchemeBlocks
+
+__all__ = ["OptDNNConvNeXtIsotropic"]
+
+
+class ConvNeXtBranch(nn.Module):
+    """F(x) = gamma * pw2(GELU(pw1(LN(dw7x7(x))))), NCHW in and out."""
+
+    def __init__(self, dim: int, layer_scale_init_value: float = 0.0):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), layer_scale_init_value)) if layer_scale_init_value > 0 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pwconv2(self.act(self.pwconv1(self.norm(self.dwconv(x).permute(0, 2, 3, 1)))))
+        if self.gamma is not None:
+            x = self.gamma * x
+        return x.permute(0, 3, 1, 2)
+
+
+class OptDNNConvNeXtIsotropic(nn.Module):
+    """Isotropic ConvNeXt with an OptDNN scheme over its blocks; the official kwargs plus timm's interface."""
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            depth: int = 18,
+            dim: int = 384,
+            drop_path_rate: float = 0.0,
+            layer_scale_init_value: float = 0.0,
+            head_init_scale: float = 1.0,
+            global_pool: str = "avg",
+            drop_rate: float = 0.0,
+            patch_size: int = 16,
+            scheme: str = "apg2",
+    ):
+        super().__init__()
+        if global_pool not in ("", "avg"):
+            raise ValueError(f"global_pool={global_pool!r}: isotropic ConvNeXt pools with 'avg' (or '' for none)")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = dim
+        self.stem = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = SchemeBlocks([ConvNeXtBranch(dim, layer_scale_init_value) for _ in range(depth)],
+                                   scheme=scheme, drop_path_rates=dpr)
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=dim, reduction=patch_size) for i in range(depth)]
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+        if isinstance(self.head, nn.Linear):
+            self.head.weight.data.mul_(head_init_scale)
+            self.head.bias.data.mul_(head_init_scale)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        return {"blocks.coef"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r"^stem", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.blocks.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    @torch.jit.ignore
+    def scheme_coefficients(self) -> List[float]:
+        """The learned t_k (apg2) or m_k (hb/nag), one per block; empty for gd."""
+        return self.blocks.coefficients()
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("", "avg"):
+                raise ValueError(f"global_pool={global_pool!r}: use 'avg' or ''")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Feature maps after each block in `indices` (timm semantics), plus the final map."""
+        if output_fmt != "NCHW":
+            raise ValueError("output_fmt must be 'NCHW'")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        stop = max_index + 1 if stop_early else len(self.blocks)
+        x, intermediates = self.blocks.run(self.stem(x), take_indices, stop)
+        if norm:  # the final norm acts on channels
+            intermediates = [self.norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for y in intermediates]
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks.truncate(max_index + 1)
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Unpooled NCHW map: the final norm needs the pooled vector, so it lives in the head."""
+        return self.blocks(self.stem(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = self.norm(x.mean([-2, -1]))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: OptDNNConvNeXtIsotropic) -> Dict[str, torch.Tensor]:
+    """Official isotropic ConvNeXt checkpoints ({'model': ...} or bare) -> this model, any scheme."""
+    state_dict = state_dict.get("model", state_dict)
+    return adapt_scheme_state(state_dict, model)
+
+
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    return {
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (14, 14),
+        "crop_pct": 0.875, "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem", "classifier": "head", "license": "mit",
+        "paper_ids": "doi:10.1109/TPAMI.2024.3380007", **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    f"optdnn_{scheme}_convnext_iso_{size}": _cfg() for scheme in ("apg2", "gd") for size in ("s", "b", "l")
+})
+
+
+def _convnext_iso(variant: str, scheme: str, pretrained: bool, dims: Dict[str, Any],
+                  kwargs: Dict[str, Any]) -> OptDNNConvNeXtIsotropic:
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        OptDNNConvNeXtIsotropic, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **dict(dict(scheme=scheme, **dims), **kwargs))
+
+
+_S = dict(depth=18, dim=384)
+_B = dict(depth=18, dim=768)
+_L = dict(depth=36, dim=1024)
+
+
+@register_model
+def optdnn_apg2_convnext_iso_s(pretrained: bool = False, **kwargs) -> OptDNNConvNeXtIsotropic:
+    """OptDNN-APG2 isotropic ConvNeXt-S (dim 384, depth 18)."""
+    return _convnext_iso("optdnn_apg2_convnext_iso_s", "apg2", pretrained, _S, kwargs)
+
+
+@register_model
+def optdnn_apg2_convnext_iso_b(pretrained: bool = False, **kwargs) -> OptDNNConvNeXtIsotropic:
+    """OptDNN-APG2 isotropic ConvNeXt-B (dim 768, depth 18)."""
+    return _convnext_iso("optdnn_apg2_convnext_iso_b", "apg2", pretrained, _B, kwargs)
+
+
+@register_model
+def optdnn_apg2_convnext_iso_l(pretrained: bool = False, **kwargs) -> OptDNNConvNeXtIsotropic:
+    """OptDNN-APG2 isotropic ConvNeXt-L (dim 1024, depth 36)."""
+    return _convnext_iso("optdnn_apg2_convnext_iso_l", "apg2", pretrained, _L, kwargs)
+
+
+@register_model
+def optdnn_gd_convnext_iso_s(pretrained: bool = False, **kwargs) -> OptDNNConvNeXtIsotropic:
+    """Isotropic ConvNeXt-S baseline through the scheme driver (gd)."""
+    return _convnext_iso("optdnn_gd_convnext_iso_s", "gd", pretrained, _S, kwargs)
+
+
+@register_model
+def optdnn_gd_convnext_iso_b(pretrained: bool = False, **kwargs) -> OptDNNConvNeXtIsotropic:
+    """Isotropic ConvNeXt-B baseline through the scheme driver (gd)."""
+    return _convnext_iso("optdnn_gd_convnext_iso_b", "gd", pretrained, _B, kwargs)
+
+
+@register_model
+def optdnn_gd_convnext_iso_l(pretrained: bool = False, **kwargs) -> OptDNNConvNeXtIsotropic:
+    """Isotropic ConvNeXt-L baseline through the scheme driver (gd)."""
+    return _convnext_iso("optdnn_gd_convnext_iso_l", "gd", pretrained, _L, kwargs)
