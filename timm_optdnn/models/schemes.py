@@ -32,7 +32,7 @@ def init_coefficients(scheme: str, depth: int) -> torch.Tensor:
     raise ValueError(f"scheme {scheme!r} has no coefficients; choose one of {SCHEMES}")
 
 
-class SchemeBlocks(nn.Sequential):
+class SchemeBlocks(nn.ModuleList):
     """A sequence of residual branches run as the iterations of `scheme`.
 
     Children are the branches F_k (named 0..L-1, so checkpoints keep the baselines'
@@ -43,7 +43,7 @@ class SchemeBlocks(nn.Sequential):
 
     def __init__(self, branches: Sequence[nn.Module], scheme: str = "apg2",
                  drop_path_rates: Optional[Sequence[float]] = None):
-        super().__init__(*branches)
+        super().__init__(branches)
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; choose one of {SCHEMES}")
         depth = len(branches)
@@ -57,37 +57,36 @@ class SchemeBlocks(nn.Sequential):
         else:
             self.coef = nn.Parameter(init_coefficients(scheme, depth))
 
-    def branch(self, k: int, f: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            out = checkpoint(f, x, use_reentrant=False)
-        else:
-            out = f(x)
-        return drop_path(out, self.drop_path_rates[k], self.training)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(x, [], len(self))[0]
+        return self.run(x, [], len(self.drop_path_rates))[0]
 
     def run(self, x: torch.Tensor, keep: List[int], stop: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Iterate blocks 0..stop-1 from x_0 = z_0 = x_{-1} = x; also return x_{k+1} for k in keep."""
         prev = x  # x_{k-1} for hb/nag, z_k for apg2
         kept: List[torch.Tensor] = []
         for k, f in enumerate(self):
-            if k >= stop:
-                break
-            if self.scheme == "gd":
-                x = x + self.branch(k, f, x)
-            elif self.scheme == "hb":
-                x, prev = x + self.branch(k, f, x) + self.coef[k] * (x - prev), x
-            elif self.scheme == "nag":
-                y = x + self.coef[k] * (x - prev)
-                x, prev = y + self.branch(k, f, y), x
-            else:
-                t = self.coef[k]
-                y = x + t * (prev - x)
-                fy = self.branch(k, f, y)
-                x, prev = y + fy, prev + fy / t
-            if k in keep:
-                kept.append(x)
+            if k < stop:  # TorchScript unrolls this loop and allows no `break`
+                c = self.coef[k] if self.scheme != "gd" else None
+                y = x  # where the branch is evaluated
+                if c is not None and self.scheme == "nag":
+                    y = x + c * (x - prev)
+                elif c is not None and self.scheme == "apg2":
+                    y = x + c * (prev - x)
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    fy = checkpoint(f, y, use_reentrant=False)
+                else:
+                    fy = f(y)
+                fy = drop_path(fy, self.drop_path_rates[k], self.training)
+                if c is None:
+                    x = x + fy
+                elif self.scheme == "hb":
+                    x, prev = x + fy + c * (x - prev), x
+                elif self.scheme == "nag":
+                    x, prev = y + fy, x
+                else:
+                    x, prev = y + fy, prev + fy / c
+                if k in keep:
+                    kept.append(x)
         return x, kept
 
     def truncate(self, depth: int) -> None:
@@ -100,6 +99,9 @@ class SchemeBlocks(nn.Sequential):
 
     def coefficients(self) -> List[float]:
         return [float(c) for c in self.coef.detach().cpu()]
+
+    def __repr__(self) -> str:  # ModuleList's repr ignores extra_repr; show what the network learned
+        return super().__repr__().replace("(", f"({self.extra_repr()}", 1)
 
     def extra_repr(self) -> str:
         coefs = ", ".join(f"{c:.3f}" for c in self.coefficients())

@@ -1,0 +1,358 @@
+"""The OptDNN models: scheme equations, baseline exactness, warm start and the timm interface."""
+import copy
+
+import pytest
+import timm
+import timm.optim
+import torch
+import torch.nn as nn
+
+import timm_optdnn
+from timm_optdnn.models.schemes import SchemeBlocks, init_coefficients
+from reference_convnext_iso import ConvNeXtIsotropic
+
+ALL = timm.list_models("optdnn_*")
+TINY = {  # every family at toy size, full code path
+    "vit": ("optdnn_apg2_vit_ti", dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=5)),
+    "convnext": ("optdnn_apg2_convnext_iso_s", dict(dim=32, depth=3, patch_size=8, num_classes=5)),
+}
+
+
+def tiny(family: str, **kw) -> nn.Module:
+    name, args = TINY[family]
+    return timm.create_model(name, **{**args, **kw})
+
+
+def perturb_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random non-default values everywhere (biases, norms), so a mis-mapped tensor shows in the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def test_registry_lists_all_twelve_names():
+    expected = {f"optdnn_{s}_{m}" for s in ("apg2", "gd")
+                for m in ("vit_ti", "vit_s", "vit_b", "convnext_iso_s", "convnext_iso_b", "convnext_iso_l")}
+    assert expected <= set(ALL)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_name_builds_and_trains_at_small_size(name):
+    small = dict(depth=2, num_classes=3)
+    small.update(dict(img_size=32) if "vit" in name else dict())
+    model = timm.create_model(name, **small)
+    assert model.pretrained_cfg["architecture"] == name
+    assert model.blocks.scheme == ("apg2" if "apg2" in name else "gd")
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    assert out.shape == (2, 3)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+class Lin(nn.Module):
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x))
+
+
+def hand_loop(scheme, branches, coefs, x):
+    """DESIGN.md section 1, transcribed literally (z and x kept separately for apg2)."""
+    x_prev, z = x, x
+    for k, f in enumerate(branches):
+        if scheme == "gd":
+            x = x + f(x)
+        elif scheme == "hb":
+            x, x_prev = x + f(x) + coefs[k] * (x - x_prev), x
+        elif scheme == "nag":
+            y = x + coefs[k] * (x - x_prev)
+            x, x_prev = y + f(y), x
+        else:
+            t = coefs[k]
+            y = (1 - t) * x + t * z
+            z = z + f(y) / t
+            x = (1 - t) * x + t * z
+    return x
+
+
+@pytest.mark.parametrize("scheme", ["gd", "hb", "nag", "apg2"])
+def test_scheme_matches_hand_written_loop(scheme):
+    branches = [Lin(k) for k in range(5)]
+    blocks = SchemeBlocks(copy.deepcopy(branches), scheme=scheme)
+    if scheme != "gd":
+        with torch.no_grad():  # away from the init schedule, so every coefficient matters
+            blocks.coef.copy_(torch.tensor([0.9, 0.7, 0.45, 0.3, 0.6]))
+    x = torch.randn(3, 4, dtype=torch.float64)
+    blocks.double()
+    coefs = blocks.coef.detach()
+    expected = hand_loop(scheme, [b.double() for b in branches], coefs, x)
+    torch.testing.assert_close(blocks(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_initial_coefficients_follow_the_algorithms():
+    torch.testing.assert_close(init_coefficients("apg2", 4), torch.tensor([1.0, 2 / 3, 0.5, 0.4]))
+    torch.testing.assert_close(init_coefficients("nag", 4), torch.tensor([0.0, 0.0, 0.25, 0.4]))
+    model = tiny("vit")
+    assert model.scheme_coefficients()[:2] == pytest.approx([1.0, 2 / 3])
+    assert "t=[1.000, 0.667" in repr(model.blocks)
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext"])
+def test_apg2_with_unit_t_is_gd_bit_for_bit(family):
+    torch.manual_seed(0)
+    apg2 = perturb_(tiny(family))
+    gd = tiny(family, scheme="gd")
+    state = {k: v for k, v in apg2.state_dict().items() if k != "blocks.coef"}
+    gd.load_state_dict(state)
+    with torch.no_grad():
+        apg2.blocks.coef.fill_(1.0)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(apg2(x), gd.eval()(x))
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext"])
+@pytest.mark.parametrize("scheme", ["apg2", "hb"])
+def test_grad_checkpointing_gives_identical_gradients(family, scheme):
+    model = tiny(family, scheme=scheme, drop_path_rate=0.3).train()
+    x = torch.randn(4, 3, 32, 32)
+
+    def grads():
+        model.zero_grad()
+        torch.manual_seed(1)  # same drop-path masks in both runs
+        model(x).square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    model.set_grad_checkpointing(True)
+    ckpt = grads()
+    assert plain.keys() == ckpt.keys()
+    for n in plain:
+        assert torch.equal(plain[n], ckpt[n]), n
+    assert plain["blocks.coef"].abs().sum() > 0
+
+
+def test_coefficients_are_trainable_and_never_weight_decayed():
+    model = tiny("convnext")
+    opt = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    coef_groups = [g for g in opt.param_groups if any(p is model.blocks.coef for p in g["params"])]
+    assert len(coef_groups) == 1 and coef_groups[0]["weight_decay"] == 0.0
+    ld = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.7)
+    assert any(p is model.blocks.coef and g["weight_decay"] == 0.0 for g in ld.param_groups for p in g["params"])
+
+
+# --- baseline exactness and warm start -------------------------------------------------------------
+
+VIT_TWINS = [("vit_tiny_patch16_224", "vit_ti"), ("vit_small_patch16_224", "vit_s"), ("vit_base_patch16_224", "vit_b")]
+
+
+@pytest.fixture(scope="module")
+def image():
+    return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("timm_name,ours", VIT_TWINS)
+def test_timm_vit_checkpoint_loads_into_gd_and_apg2_with_same_logits(tmp_path, image, timm_name, ours):
+    ref = perturb_(timm.create_model(timm_name))
+    path = tmp_path / "vit.pth"
+    torch.save(ref.state_dict(), path)
+    with torch.no_grad():
+        expected = ref(image)
+    for scheme in ("gd", "apg2"):
+        model = timm.create_model(f"optdnn_{scheme}_{ours}", pretrained=True,
+                                  pretrained_cfg_overlay=dict(file=str(path))).eval()
+        with torch.no_grad():
+            out = model(image)
+        assert (out - expected).abs().max() <= 1e-5, scheme
+    assert model.scheme_coefficients() == [1.0] * 12  # warm start: apg2 begins as the baseline
+    assert model.blocks.coef.requires_grad
+
+
+def test_deit_wrapped_checkpoint_loads(tmp_path, image):
+    ref = perturb_(timm.create_model("deit_tiny_patch16_224"))
+    torch.save({"model": ref.state_dict(), "epoch": 299}, tmp_path / "deit.pth")
+    model = timm.create_model("optdnn_gd_vit_ti", pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "deit.pth"))).eval()
+    with torch.no_grad():
+        assert (model(image) - ref(image)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("dim,depth,name", [(384, 18, "s")])
+def test_official_convnext_iso_checkpoint_loads_into_gd_and_apg2(tmp_path, image, dim, depth, name):
+    torch.manual_seed(0)
+    ref = ConvNeXtIsotropic(depth=depth, dim=dim).eval()
+    torch.save({"model": ref.state_dict()}, tmp_path / "convnext_iso.pth")
+    with torch.no_grad():
+        expected = ref(image)
+    for scheme in ("gd", "apg2"):
+        model = timm.create_model(f"optdnn_{scheme}_convnext_iso_{name}", pretrained=True,
+                                  pretrained_cfg_overlay=dict(file=str(tmp_path / "convnext_iso.pth"))).eval()
+        with torch.no_grad():
+            assert (model(image) - expected).abs().max() <= 1e-5, scheme
+
+
+def test_layer_scale_checkpoint_loads(tmp_path):
+    torch.manual_seed(0)
+    ref = ConvNeXtIsotropic(depth=2, dim=32, num_classes=7, layer_scale_init_value=1e-6).eval()
+    torch.save({"model": ref.state_dict()}, tmp_path / "ls.pth")
+    model = timm.create_model("optdnn_apg2_convnext_iso_s", depth=2, dim=32, num_classes=7, layer_scale_init_value=1e-6,
+                              pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "ls.pth"), num_classes=7))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (model.eval()(x) - ref(x)).abs().max() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def vit_s_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "vit_s.pth"
+    torch.save(timm.create_model("vit_small_patch16_224").state_dict(), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("target,kwargs,message", [
+    ("optdnn_apg2_vit_ti", {}, r"do not fit.*blocks\.0\.norm1\.weight: checkpoint \(384,\) vs model \(192,\)"),
+    ("optdnn_apg2_vit_s", dict(depth=10), r"checkpoint has 12 blocks, the model has 10"),
+    ("optdnn_apg2_convnext_iso_s", {}, r"checkpoint has 12 blocks, the model has 18"),
+])
+def test_mismatched_checkpoints_name_the_problem(vit_s_ckpt, target, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        timm.create_model(target, pretrained=True, pretrained_cfg_overlay=dict(file=vit_s_ckpt), **kwargs)
+
+
+def test_wrong_num_classes_errors_but_num_classes_kwarg_reinitialises_head(tmp_path, vit_s_ckpt):
+    small_head = timm.create_model("vit_small_patch16_224", num_classes=10)
+    torch.save(small_head.state_dict(), tmp_path / "ten.pth")
+    with pytest.raises(ValueError, match=r"head\.weight: checkpoint \(10, 384\) vs model \(1000, 384\).*num_classes"):
+        timm.create_model("optdnn_apg2_vit_s", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "ten.pth")))
+    # timm's documented behaviour: a different num_classes drops the pretrained classifier and re-initialises it
+    model = timm.create_model("optdnn_apg2_vit_s", pretrained=True, num_classes=7,
+                              pretrained_cfg_overlay=dict(file=vit_s_ckpt))
+    assert model.head.weight.shape == (7, 384)
+
+
+def test_apg2_checkpoint_into_gd_is_refused(tmp_path):
+    torch.save(tiny("vit").state_dict(), tmp_path / "apg2.pth")
+    with pytest.raises(ValueError, match="scheme coefficients"):
+        tiny("vit", scheme="gd", pretrained=True,
+             pretrained_cfg_overlay=dict(file=str(tmp_path / "apg2.pth"), num_classes=5))
+
+
+def test_pretrained_without_weights_is_timms_clear_error():
+    with pytest.raises(RuntimeError, match="No pretrained weights exist"):
+        timm.create_model("optdnn_apg2_vit_s", pretrained=True)
+
+
+def test_unknown_scheme_and_bad_pool_are_refused():
+    with pytest.raises(ValueError, match="unknown scheme 'adam'"):
+        tiny("vit", scheme="adam")
+    with pytest.raises(ValueError, match="class_token"):
+        tiny("vit", class_token=False)
+    with pytest.raises(ValueError, match="global_pool"):
+        tiny("convnext", global_pool="token")
+
+
+def test_img_size_override_resamples_pos_embed(tmp_path, vit_s_ckpt):
+    model = timm.create_model("optdnn_apg2_vit_s", pretrained=True, img_size=128, patch_size=8,
+                              pretrained_cfg_overlay=dict(file=vit_s_ckpt))
+    assert model.pos_embed.shape == (1, 16 * 16 + 1, 384)
+    assert model.patch_embed.proj.weight.shape == (384, 3, 8, 8)
+    assert model(torch.randn(1, 3, 128, 128)).shape == (1, 1000)
+
+
+# --- the timm interface --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["vit", "convnext"])
+def test_head_interface(family):
+    model = tiny(family).eval()
+    x = torch.randn(2, 3, 32, 32)
+    feats = model.forward_features(x)
+    assert model.forward_head(feats, pre_logits=True).shape == (2, model.num_features)
+    assert model.get_classifier().out_features == 5
+    model.reset_classifier(0)
+    assert model(x).shape == (2, model.num_features)
+    model.reset_classifier(9, "avg")
+    assert model(x).shape == (2, 9)
+    assert timm.create_model(TINY[family][0], **{**TINY[family][1], "num_classes": 0})(x).shape == (2, 32)
+    assert tiny(family, in_chans=1)(torch.randn(2, 1, 32, 32)).shape == (2, 5)
+
+
+@pytest.mark.parametrize("pool", ["avg", "max", "avgmax", ""])
+def test_vit_global_pool_choices(pool):
+    model = tiny("vit", global_pool=pool, class_token=pool != "")
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == ((2, 5) if pool else (2, 16, 5))
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext"])
+def test_forward_intermediates_and_prune(family):
+    model = tiny(family).eval()
+    x = torch.randn(2, 3, 32, 32)
+    final, inter = model.forward_intermediates(x, indices=[0, 2])
+    assert [t.shape for t in inter] == [(2, 32, 4, 4)] * 2
+    with torch.no_grad():
+        assert torch.allclose(model.forward_features(x), final)
+        only = model.forward_intermediates(x, indices=2, stop_early=True, intermediates_only=True)
+    assert len(only) == 2
+    with torch.no_grad():
+        before = model.forward_intermediates(x, indices=[1], intermediates_only=True)[0]
+    kept = model.prune_intermediate_layers([1])
+    assert kept == [1] and len(model.blocks) == 2
+    if model.blocks.scheme == "apg2":
+        assert model.blocks.coef.shape == (2,)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_intermediates(x, indices=[1], intermediates_only=True)[0], before)
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext"])
+def test_features_only_through_timm(family):
+    name, args = TINY[family]
+    args = {k: v for k, v in args.items() if k != "num_classes"}
+    feats = timm.create_model(name, features_only=True, out_indices=(0, 2), **args)
+    out = feats(torch.randn(2, 3, 32, 32))
+    assert [o.shape for o in out] == [(2, 32, 4, 4)] * 2
+    assert feats.feature_info.channels() == [32, 32] and feats.feature_info.reduction() == [8, 8]
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext"])
+@pytest.mark.parametrize("scheme", ["gd", "apg2", "nag"])
+def test_torchscript(family, scheme):
+    model = tiny(family, scheme=scheme).eval()
+    x = torch.randn(2, 3, 32, 32)
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext"])
+def test_fx_feature_extraction(family):
+    from torchvision.models.feature_extraction import create_feature_extractor
+    model = tiny(family).eval()
+    extractor = create_feature_extractor(model, return_nodes={"norm": "norm", "head": "logits"})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = extractor(x)
+        torch.testing.assert_close(out["logits"], model(x))
+        expected = model.forward_features(x) if family == "vit" else model.forward_head(model.forward_features(x), True)
+        torch.testing.assert_close(out["norm"], expected)
+
+
+@pytest.mark.timeout(600)
+def test_torch_compile_matches_eager():
+    model = tiny("convnext").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_convnext_channels_last():
+    model = tiny("convnext").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(model(x.to(memory_format=torch.channels_last)), ref)
