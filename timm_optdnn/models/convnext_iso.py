@@ -12,6 +12,7 @@ from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from ..hub import verified_pretrained
 from .checkpoint import adapt_scheme_state
 from .schemes import SchemeBlocks
 
@@ -180,7 +181,7 @@ def _convnext_iso(variant: str, scheme: str, pretrained: bool, dims: Dict[str, A
         OptDNNConvNeXtIsotropic, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **dict(dict(scheme=scheme, **dims), **kwargs))
+        **verified_pretrained(variant, pretrained, dict(dict(scheme=scheme, **dims), **kwargs)))
 
 
 _S = dict(depth=18, dim=384)

@@ -20,6 +20,7 @@ from timm.models.vision_transformer import global_pool_nlc, init_weights_vit_tim
 
 from .schemes import SchemeBlocks
 from .checkpoint import adapt_scheme_state
+from ..hub import verified_pretrained
 
 __all__ = ["OptDNNVisionTransformer"]
 
@@ -236,7 +237,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> OptDNNVisi
         OptDNNVisionTransformer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs)
+        **verified_pretrained(variant, pretrained, kwargs))
 
 
 def _vit(variant: str, scheme: str, pretrained: bool, dims: Dict[str, Any], kwargs: Dict[str, Any]):
