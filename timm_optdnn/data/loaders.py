@@ -123,17 +123,18 @@ class FFCVTrainLoader(_Loader):
                              order=orders[order], distributed=distributed, seed=seed, drop_last=drop_last,
                              pipelines={"image": [self.decoder, *flip, ToTensor(), ToTorchImage()],
                                         "label": [IntDecoder(), ToTensor(), Squeeze()]},
-                             recompile=res_schedule is not None)  # a new output size needs new buffers
+)
         super().__init__(len(self.loader), img_size, res_schedule, targets)
-        self.augment, self.batch_size = augment, batch_size
+        self.augment, self.batch_size, self.compiled_res = augment, batch_size, None
 
     def __iter__(self):
         from ffcv.loader.epoch_iterator import EpochIterator
         res = self.resolution(self.epoch)
         self.decoder.output_size = (res, res)
         order = self.loader.traversal_order.sample_order(self.epoch)[: self.batches * self.batch_size]
-        if self.loader.code is None or self.loader.recompile:
+        if res != self.compiled_res:  # a new output size needs new code and buffers (a few s of numba compile)
             self.loader.generate_code()
+            self.compiled_res = res
         for images, labels in EpochIterator(self.loader, order[self.skip * self.batch_size:]):
             yield self.targets(self.augment(images), labels.to(self.augment.device, non_blocking=True).long())
 

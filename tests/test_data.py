@@ -1,0 +1,170 @@
+"""FFCV data pipeline: real JPEG folders and Fashion-MNIST written to betons, read back through the loaders."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("ffcv")
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform  # noqa: E402
+
+from timm_optdnn.data import check_beton, create_loaders, resolution, write_beton  # noqa: E402
+from timm_optdnn.data.sources import load_rgb, read_fashion_mnist  # noqa: E402
+
+PY = sys.executable
+CLASSES = ["ant", "bee", "cat"]
+MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+
+
+def photo(rng: np.random.Generator, h: int, w: int) -> Image.Image:
+    """A smooth random RGB picture (JPEG-friendly, unlike white noise)."""
+    small = rng.integers(0, 256, (max(2, h // 8), max(2, w // 8), 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((w, h), Image.BICUBIC)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return (x * STD + MEAN).mul(255).round().clamp(0, 255).to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """train/<class>/*.JPEG: 3 classes x 4 real JPEGs of 64x48 (q95)."""
+    root = tmp_path_factory.mktemp("imagefolder") / "train"
+    rng = np.random.default_rng(0)
+    for c in CLASSES:
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            photo(rng, 48, 64).save(root / c / f"{c}_{i}.JPEG", quality=95)
+    return root
+
+
+@pytest.fixture(scope="module")
+def betons(folder, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("betons")
+    paths = {"jpg": out / "jpg.beton", "raw": out / "raw.beton"}
+    write_beton(str(folder), paths["jpg"], workers=2)
+    write_beton(str(folder), paths["raw"], compress_prob=0.0, workers=1)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fmnist") / "fm_test.beton"
+    r = subprocess.run([PY, "-m", "timm_optdnn.data.write", "fashion-mnist", str(out), "--split", "test",
+                        "--subset", "0.02", "--workers", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and "200 images, 10 classes" in r.stdout
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_writer_meta_and_labels(betons, folder):
+    meta = json.loads(Path(f"{betons['jpg']}.meta.json").read_text())
+    assert meta["classes"] == CLASSES and meta["num_samples"] == 12 and meta["class_counts"] == [4, 4, 4]
+    assert meta["options"]["write_mode"] == "jpg" and meta["skipped"] == []
+    assert meta["source"] == {"kind": "imagefolder", "path": str(folder.resolve())}
+    assert json.loads(Path(f"{betons['raw']}.meta.json").read_text())["options"]["write_mode"] == "raw"
+    assert not list(betons["jpg"].parent.glob(".*tmp*"))  # temporaries renamed away
+
+
+@pytest.mark.timeout(120)
+def test_val_pixels_and_labels_match_source(betons, folder):
+    """Raw storage, crop_pct=1 on 48x48 center crops of the 64x48 sources: exact pixels, one label per image."""
+    files = sorted(folder.rglob("*.JPEG"))
+    for kind, tol in (("raw", 1), ("jpg", 8)):
+        _, val = create_loaders(betons[kind], betons[kind], num_classes=3, batch_size=4, num_workers=1,
+                                img_size=48, crop_pct=1.0)
+        images, labels = map(torch.cat, zip(*val))
+        assert labels.dtype == torch.int64 and labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+        ref = torch.stack([torch.from_numpy(np.asarray(load_rgb(f))[:, 8:56].copy()).permute(2, 0, 1) for f in files])
+        err = (to_uint8(images).int() - ref.int()).abs().float()
+        assert err.max() <= tol if kind == "raw" else err.mean() <= tol, (kind, err.max(), err.mean())
+
+
+@pytest.mark.timeout(120)
+def test_val_center_crop_matches_timm_reference(betons, folder):
+    """crop_pct 0.875 at 32 px vs timm's eval transform (resize shorter side to 32/0.875, center crop 32)."""
+    _, val = create_loaders(betons["jpg"], betons["jpg"], num_classes=3, batch_size=12, num_workers=1,
+                            img_size=32, crop_pct=0.875)
+    images, _ = next(iter(val))
+    tf = create_transform(32, is_training=False, crop_pct=0.875, interpolation="bilinear")
+    ref = torch.stack([tf(load_rgb(f)) for f in sorted(folder.rglob("*.JPEG"))])
+    assert images.shape == ref.shape == (12, 3, 32, 32)
+    err = (to_uint8(images).float() - to_uint8(ref).float()).abs()
+    assert err.mean() < 6, err.mean()  # JPEG re-encode + INTER_AREA vs bilinear resampling
+
+
+@pytest.mark.timeout(120)
+def test_fashion_mnist_roundtrip(fmnist):
+    images, labels = read_fashion_mnist("test")
+    idx = np.sort(np.random.default_rng(0).choice(len(images), 200, replace=False))
+    _, val = create_loaders(fmnist, fmnist, num_classes=10, batch_size=64, num_workers=2, img_size=28, crop_pct=1.0)
+    got, got_labels = map(torch.cat, zip(*val))
+    assert got_labels.tolist() == labels[idx].tolist()
+    ref = torch.from_numpy(images[idx]).unsqueeze(1).expand(-1, 3, -1, -1)
+    assert torch.equal(to_uint8(got), ref)  # raw storage: bit exact
+
+
+@pytest.mark.timeout(180)
+def test_train_loader_contract(fmnist):
+    kw = dict(num_classes=10, batch_size=16, num_workers=2, img_size=24, scale=(0.35, 1.0), seed=3)
+    train, val = create_loaders(fmnist, fmnist, channels_last=True, **kw)
+    assert len(train) == 200 // 16 and not train.soft_targets and len(val) == 13
+    train.set_epoch(1)
+    epoch1 = [(x, y) for x, y in train]
+    x, y = epoch1[0]
+    assert x.shape == (16, 3, 24, 24) and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+    assert y.dtype == torch.int64 and y.shape == (16,)
+    assert -3 < x.mean() < 3 and x.std() > 0.3  # normalised
+    labels1 = torch.cat([y for _, y in epoch1])
+    train.set_epoch(1)
+    assert torch.equal(torch.cat([y for _, y in train]), labels1)  # order fixed by seed + epoch
+    train.set_epoch(2)
+    assert not torch.equal(torch.cat([y for _, y in train]), labels1)
+    train.set_epoch(1, skip=5)
+    assert torch.equal(torch.cat([y for _, y in train]), labels1[5 * 16:])  # resume = tail of the same epoch
+    with pytest.raises(ValueError, match="skip=99"):
+        train.set_epoch(1, skip=99)
+
+
+@pytest.mark.timeout(180)
+def test_train_augment_and_progressive_resizing(fmnist):
+    train, _ = create_loaders(fmnist, fmnist, num_classes=10, batch_size=32, num_workers=2, img_size=28,
+                              res_schedule=(16, 28, 0, 3), rand_augment="rand-m9-mstd0.5-inc1", re_prob=0.5,
+                              mixup=0.8, cutmix=1.0, label_smoothing=0.1)
+    assert train.soft_targets
+    for epoch, res in [(0, 16), (1, 20), (3, 28)]:
+        assert resolution(epoch, 16, 28, 0, 3) == res
+        train.set_epoch(epoch, skip=len(train) - 1)
+        (x, y), = list(train)
+        assert x.shape == (32, 3, res, res) and y.shape == (32, 10)
+        assert torch.allclose(y.sum(1), torch.ones(32)) and y.min() >= 0.1 / 10 - 1e-6  # smoothed soft targets
+
+
+def test_resolution_schedule():
+    # linear ramp rounded (half to even, np.round as ffcv-imagenet) to multiples of 32: 169.6 -> 160, 182.4 -> 192
+    assert [resolution(e, 160, 192, 10, 20) for e in (0, 10, 13, 17, 20, 30)] == [160, 160, 160, 192, 192, 192]
+    assert [resolution(e, 160, 224, 0, 4) for e in range(5)] == [160, 192, 192, 192, 224]  # 176 -> 192, 208 -> 192
+    assert [resolution(e, 16, 28, 0, 3) for e in range(4)] == [16, 20, 24, 28]  # tiny images: multiples of 4
+    with pytest.raises(ValueError, match="ramp"):
+        resolution(0, 16, 28, 5, 2)
+
+
+@pytest.mark.timeout(180)
+def test_torchvision_backend_same_interface(folder):
+    train, val = create_loaders(str(folder), str(folder), num_classes=3, backend="torchvision", batch_size=4,
+                                num_workers=1, img_size=32, rand_augment="rand-m9-mstd0.5-inc1", re_prob=0.25,
+                                label_smoothing=0.1, res_schedule=(24, 32, 0, 1))
+    assert len(train) == 3 and train.soft_targets and len(val) == 3
+    train.set_epoch(0)
+    x, y = next(iter(train))
+    assert x.shape == (4, 3, 24, 24) and y.shape == (4, 3)
+    train.set_epoch(1, skip=2)
+    assert [x.shape[-1] for x, _ in train] == [32]
+    images, labels = map(torch.cat, zip(*val))
+    assert images.shape == (12, 3, 32, 32) and labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
