@@ -1,0 +1,155 @@
+"""Every bad input of the writer and the loaders: converted, skipped with a listing, or a clear error."""
+import gzip
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("ffcv")
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
+
+from timm_optdnn.data import check_beton, create_loaders, write_beton  # noqa: E402
+from timm_optdnn.data.sources import load_rgb, read_fashion_mnist  # noqa: E402
+
+# (class, file, expected RGB after conversion) for the convertible images, in the beton's (sorted) order
+CONVERTIBLE = [("a", "cmyk.jpg", (200, 50, 30)), ("a", "gray.jpg", (100, 100, 100)), ("a", "rgba.png", (10, 200, 30)),
+               ("b", "exif.jpg", (40, 80, 160)), ("b", "palette.png", (30, 60, 90)), ("b", "sixteen.png", (128, 128, 128)),
+               ("c", "good.JPEG", (90, 120, 150))]
+UNDECODABLE = ["corrupt.JPEG", "notes.txt", "truncated.JPEG"]
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("messy") / "train"
+    for c in "abc":
+        (root / c).mkdir(parents=True)
+    solid = lambda rgb, size=(32, 32): Image.new("RGB", size, rgb)  # noqa: E731
+    solid((200, 50, 30)).convert("CMYK").save(root / "a/cmyk.jpg", quality=95)
+    Image.new("L", (32, 32), 100).save(root / "a/gray.jpg", quality=95)
+    Image.new("RGBA", (32, 32), (10, 200, 30, 128)).save(root / "a/rgba.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 on display, so the stored 48x24 shows as 24x48
+    solid((40, 80, 160), (48, 24)).save(root / "b/exif.jpg", quality=95, exif=exif)
+    solid((30, 60, 90)).convert("P", palette=Image.ADAPTIVE).save(root / "b/palette.png")
+    Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(root / "b/sixteen.png")  # 16-bit gray, half scale
+    solid((90, 120, 150)).save(root / "c/good.JPEG", quality=95)
+    full = (root / "c/good.JPEG").read_bytes()
+    (root / "c/truncated.JPEG").write_bytes(full[: len(full) // 2])
+    (root / "c/corrupt.JPEG").write_bytes(np.random.default_rng(0).bytes(2000))
+    (root / "c/notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.mark.timeout(120)
+def test_convertible_written_undecodable_skipped(messy, tmp_path):
+    out = tmp_path / "messy.beton"
+    meta = write_beton(str(messy), out, compress_prob=0.0, workers=2)
+    assert meta["num_samples"] == len(CONVERTIBLE) and meta["class_counts"] == [3, 3, 1]
+    assert sorted(Path(s["path"]).name for s in meta["skipped"]) == UNDECODABLE
+    assert all(s["reason"] for s in meta["skipped"])
+    assert load_rgb(messy / "b/exif.jpg").size == (24, 48)  # EXIF rotation applied
+    assert load_rgb(messy / "b/sixteen.png").getpixel((0, 0)) == (128, 128, 128)  # scaled, not clipped to 255
+    _, val = create_loaders(out, out, num_classes=3, batch_size=8, num_workers=1, img_size=16, crop_pct=1.0)
+    images, labels = next(iter(val))
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2]
+    mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN), torch.tensor(IMAGENET_DEFAULT_STD)
+    colours = (images.mean((2, 3)) * std + mean) * 255
+    assert torch.allclose(colours, torch.tensor([c for _, _, c in CONVERTIBLE], dtype=torch.float32), atol=3), colours
+
+
+@pytest.mark.timeout(120)
+def test_strict_fails_and_lists(messy, tmp_path):
+    out = tmp_path / "strict.beton"
+    r = subprocess.run([sys.executable, "-m", "timm_optdnn.data.write", str(messy), str(out), "--strict",
+                        "--workers", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--strict: 3 undecodable file(s)" in r.stderr
+    assert all(name in r.stderr for name in UNDECODABLE)  # the listing names every file
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_roots_and_options(tmp_path, messy):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        write_beton(str(tmp_path / "nope"), tmp_path / "x.beton")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        write_beton(str(tmp_path / "file"), tmp_path / "x.beton")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no class folders"):
+        write_beton(str(tmp_path / "empty"), tmp_path / "x.beton")
+    (tmp_path / "one/full").mkdir(parents=True)
+    (tmp_path / "one/hollow").mkdir()
+    shutil.copy(messy / "c/good.JPEG", tmp_path / "one/full")
+    with pytest.raises(ValueError, match="1 class folder.*no files: hollow"):
+        write_beton(str(tmp_path / "one"), tmp_path / "x.beton")
+    (tmp_path / "junk/cls").mkdir(parents=True)
+    (tmp_path / "junk/cls/a.jpg").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="no decodable images"):
+        write_beton(str(tmp_path / "junk"), tmp_path / "x.beton")
+    for kw, msg in [(dict(jpeg_quality=0), "jpeg-quality"), (dict(compress_prob=1.5), "compress-prob"),
+                    (dict(subset=0.0), "subset"), (dict(max_side=0), "max-side"), (dict(workers=0), "workers")]:
+        with pytest.raises(ValueError, match=msg):
+            write_beton(str(messy), tmp_path / "x.beton", **kw)
+    with pytest.raises(FileNotFoundError, match="output directory"):
+        write_beton(str(messy), tmp_path / "nodir/x.beton")
+
+
+@pytest.mark.timeout(60)
+def test_fashion_mnist_missing_or_bad(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        read_fashion_mnist("train", root=tmp_path)
+    with pytest.raises(ValueError, match="'train' or 'test'"):
+        read_fashion_mnist("val")
+    src = Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
+    data = gzip.decompress(src.read_bytes())
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(data[:-10]))
+    shutil.copy(src.with_name("t10k-images-idx3-ubyte.gz"), tmp_path)
+    with pytest.raises(ValueError, match="truncated"):
+        read_fashion_mnist("test", root=tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_interrupted_write_leaves_nothing(messy, tmp_path, monkeypatch):
+    from ffcv.writer import DatasetWriter
+
+    def interrupted(self, *a, **k):
+        Path(self.fname).write_bytes(b"half a beton")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(DatasetWriter, "from_indexed_dataset", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_beton(str(messy), tmp_path / "x.beton", workers=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.timeout(120)
+def test_loader_rejects_bad_betons(messy, tmp_path):
+    good = tmp_path / "good.beton"
+    write_beton(str(messy), good, workers=1)
+    with pytest.raises(ValueError, match="3 classes.*num_classes=10"):
+        check_beton(good, num_classes=10)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_beton(tmp_path / "missing.beton", 3)
+    nometa = tmp_path / "nometa.beton"
+    shutil.copy(good, nometa)
+    with pytest.raises(FileNotFoundError, match="meta.json is missing"):
+        check_beton(nometa, 3)
+    data = good.read_bytes()
+    for name, content, msg in [("trunc", data[: len(data) // 2], "truncated"),
+                               ("flipped", data[:100] + bytes(b ^ 0xFF for b in data[100:200]) + data[200:], "sha256")]:
+        bad = tmp_path / f"{name}.beton"
+        bad.write_bytes(content)
+        shutil.copy(f"{good}.meta.json", f"{bad}.meta.json")
+        with pytest.raises(ValueError, match=msg):
+            create_loaders(bad, good, num_classes=3, batch_size=2)
+    other = tmp_path / "other.beton"
+    write_beton("fashion-mnist", other, split="test", subset=0.001, workers=1)
+    with pytest.raises(ValueError, match="10 classes"):
+        create_loaders(good, other, num_classes=3, batch_size=2)
+    with pytest.raises(ValueError, match="backend"):
+        create_loaders(good, good, num_classes=3, batch_size=2, backend="dali")
+    with pytest.raises(ValueError, match="even batch_size"):
+        create_loaders(good, good, num_classes=3, batch_size=3, mixup=0.8)
