@@ -1,0 +1,171 @@
+"""What every toy experiment shares: the command line, the training loop, the time budget, the CSV.
+
+An experiment is a list of configurations (each with a `scheme` and a `seed`) and a function that
+trains one `OptDNNMLP` per configuration and returns its metrics. `run_grid` runs them all in a
+fixed order, stops with a clear error when the time budget runs out, writes one CSV row per run
+and prints the mean +- std per configuration as a Markdown table (the tables in docs/results.md).
+"""
+import argparse
+import csv
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import matplotlib
+matplotlib.use("Agg")  # experiments only write PNGs; never open a window
+import matplotlib.pyplot as plt
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+
+from ..models.mlp import OptDNNMLP
+from ..models.schemes import SCHEMES
+
+Config = Dict[str, Any]
+Metrics = Dict[str, Any]
+
+SEEDS = (0, 1, 2, 3, 4)  # the full experiments run these (width_depth the first 3); --quick the first only
+COLORS = {"gd": "tab:gray", "hb": "tab:blue", "nag": "tab:green", "apg2": "tab:red"}
+
+
+def parse_args(doc: Optional[str], name: str, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"python -m timm_optdnn.experiments.{name}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one seed, few steps: the CI smoke run (< 1 min)")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="directory for <name>.csv and <name>.png")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny nets: 1 is fastest)")
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, steps: int, lr: float,
+          batch_size: int, seed: int, weight_decay: float = 0.0) -> float:
+    """AdamW with cosine decay on minibatches drawn with `seed`; scheme coefficients are never decayed."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(x), (batch_size,), generator=gen)
+        loss = loss_fn(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    return loss.item()
+
+
+def logistic_loss(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy on a logit f for labels y = +-1."""
+    return F.softplus(-y * f).mean()
+
+
+def build(cfg: Config, in_dim: int, out_dim: int) -> OptDNNMLP:
+    """The network of one run: seeded init, so every scheme starts from the same weights."""
+    torch.manual_seed(cfg["seed"])
+    return OptDNNMLP(in_dim, out_dim, width=cfg["width"], depth=cfg["depth"], hidden=cfg["hidden"],
+                     scheme=cfg["scheme"])
+
+
+def model_info(model: OptDNNMLP) -> Metrics:
+    """Size and learned coefficients, so the CSV shows equal budgets and what each scheme learned."""
+    return dict(params=sum(p.numel() for p in model.parameters()),
+                coef=" ".join(f"{c:.3f}" for c in model.scheme_coefficients()))
+
+
+def grid(base: Config, seeds: Sequence[int], **sweep: Sequence[Any]) -> List[Config]:
+    """Every scheme x seed (x each swept value), seed innermost so a budget stop keeps whole groups."""
+    configs = [dict(base, scheme=s, seed=seed) for s in SCHEMES for seed in seeds]
+    for key, values in sweep.items():
+        configs = [dict(c, **{key: v}) for v in values for c in configs]
+    return configs
+
+
+def run_grid(name: str, out: Path, configs: List[Config], run: Callable[[Config], Tuple[Metrics, Any]],
+             budget_s: float) -> Tuple[List[Dict[str, Any]], List[Any]]:
+    """Run each config; write <out>/<name>.csv; print the summary. Returns the rows and run artefacts."""
+    start = time.perf_counter()
+    rows: List[Dict[str, Any]] = []
+    artefacts: List[Any] = []
+    path = out / f"{name}.csv"
+    for i, cfg in enumerate(configs):
+        elapsed = time.perf_counter() - start
+        if elapsed > budget_s:
+            write_csv(path, rows)
+            sys.exit(f"{name}: time budget of {budget_s:.0f}s used up after {i}/{len(configs)} runs "
+                     f"({elapsed:.0f}s); partial results in {path}. Is the machine busy?")
+        t0 = time.perf_counter()
+        metrics, artefact = run(cfg)
+        rows.append(dict(cfg, **metrics, seconds=round(time.perf_counter() - t0, 2)))
+        artefacts.append(artefact)
+        shown = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if k != "coef")
+        print(f"[{i + 1}/{len(configs)}] {_cfg_str(cfg)}: {shown}", flush=True)
+    write_csv(path, rows)
+    print(f"\n{name}: {len(rows)} runs in {time.perf_counter() - start:.0f}s, wrote {path}\n")
+    print(summary_table(rows, metric_keys=[k for k in rows[0] if k not in configs[0]]))
+    return rows, artefacts
+
+
+def write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        if rows:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def summary_table(rows: List[Dict[str, Any]], metric_keys: List[str]) -> str:
+    """Markdown: one line per configuration (seeds pooled), mean +- std of each numeric metric.
+
+    Settings shared by every row are stated once above the table, so it shows only what varies.
+    """
+    metric_keys = [k for k in metric_keys if isinstance(rows[0][k], (int, float)) and k != "params"]
+    cfg_keys = [k for k in rows[0] if k not in metric_keys and k not in ("seed", "coef")]
+    fixed = [k for k in cfg_keys if len({r[k] for r in rows}) == 1 and k != "scheme"]
+    cfg_keys = [k for k in cfg_keys if k not in fixed]
+    groups: Dict[Tuple, List[Dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in cfg_keys), []).append(r)
+    lines = ["all runs: " + ", ".join(f"{k}={rows[0][k]}" for k in fixed), "",
+             "| " + " | ".join(cfg_keys + ["seeds"] + metric_keys) + " |",
+             "|" + "---|" * (len(cfg_keys) + 1 + len(metric_keys))]
+    for key, rs in groups.items():
+        stats = []
+        for m in metric_keys:
+            vals = [r[m] for r in rs]
+            std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            stats.append(f"{_fmt(statistics.fmean(vals))} ± {_fmt(std)}")
+        lines.append("| " + " | ".join([str(v) for v in key] + [str(len(rs))] + stats) + " |")
+    return "\n".join(lines)
+
+
+def save_figure(fig: plt.Figure, out: Path, name: str) -> None:
+    fig.tight_layout()
+    fig.savefig(out / f"{name}.png", dpi=90)
+    plt.close(fig)
+    print(f"wrote {out / f'{name}.png'}")
+
+
+def first_seed(configs: List[Config], artefacts: List[Any]) -> Dict[str, Any]:
+    """The artefact of each scheme's first-seed run (what the plots show)."""
+    seed = configs[0]["seed"]
+    return {c["scheme"]: a for c, a in zip(configs, artefacts) if c["seed"] == seed}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if v == 0 or 1e-3 <= abs(v) < 1e4 or not math.isfinite(v) else f"{v:.2e}"
+    return str(v)
+
+
+def _cfg_str(cfg: Config) -> str:
+    return " ".join(f"{k}={v}" for k, v in cfg.items())
