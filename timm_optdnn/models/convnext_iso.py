@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
+from timm.layers.helpers import get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -22,14 +23,15 @@ __all__ = ["OptDNNConvNeXtIsotropic"]
 class ConvNeXtBranch(nn.Module):
     """F(x) = gamma * pw2(GELU(pw1(LN(dw7x7(x))))), NCHW in and out."""
 
-    def __init__(self, dim: int, layer_scale_init_value: float = 0.0):
+    def __init__(self, dim: int, layer_scale_init_value: float = 0.0, device=None, dtype=None):
         super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        dd = dict(device=device, dtype=dtype)
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim, **dd)
+        self.norm = nn.LayerNorm(dim, eps=1e-6, **dd)
+        self.pwconv1 = nn.Linear(dim, 4 * dim, **dd)
         self.act = nn.GELU()
-        self.pwconv2 = nn.Linear(4 * dim, dim)
-        self.gamma = nn.Parameter(torch.full((dim,), layer_scale_init_value)) if layer_scale_init_value > 0 else None
+        self.pwconv2 = nn.Linear(4 * dim, dim, **dd)
+        self.gamma = nn.Parameter(torch.full((dim,), layer_scale_init_value, **dd)) if layer_scale_init_value > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pwconv2(self.act(self.pwconv1(self.norm(self.dwconv(x).permute(0, 2, 3, 1)))))
@@ -54,22 +56,24 @@ class OptDNNConvNeXtIsotropic(nn.Module):
             drop_rate: float = 0.0,
             patch_size: int = 16,
             scheme: str = "apg2",
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         if global_pool not in ("", "avg"):
             raise ValueError(f"global_pool={global_pool!r}: isotropic ConvNeXt pools with 'avg' (or '' for none)")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = dim
-        self.stem = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = SchemeBlocks([ConvNeXtBranch(dim, layer_scale_init_value) for _ in range(depth)],
-                                   scheme=scheme, drop_path_rates=dpr)
+        self.stem = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, **dd)
+        self.blocks = SchemeBlocks([ConvNeXtBranch(dim, layer_scale_init_value, **dd) for _ in range(depth)],
+                                   scheme=scheme, drop_path_rate=drop_path_rate, **dd)
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=dim, reduction=patch_size) for i in range(depth)]
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = nn.LayerNorm(dim, eps=1e-6, **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
         if isinstance(self.head, nn.Linear):
             self.head.weight.data.mul_(head_init_scale)
@@ -83,7 +87,7 @@ class OptDNNConvNeXtIsotropic(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        return {"blocks.coef"}
+        return {f"blocks.{n}" for n in self.blocks.no_weight_decay()}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -108,7 +112,9 @@ class OptDNNConvNeXtIsotropic(nn.Module):
             if global_pool not in ("", "avg"):
                 raise ValueError(f"global_pool={global_pool!r}: use 'avg' or ''")
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        dd = get_device_dtype(self)
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
 
     def forward_intermediates(
             self,
@@ -170,7 +176,11 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    f"optdnn_{scheme}_convnext_iso_{size}": _cfg() for scheme in ("apg2", "gd") for size in ("s", "b", "l")
+    **{f"optdnn_{scheme}_convnext_iso_{size}": _cfg() for scheme in ("apg2", "gd") for size in ("s", "b", "l")},
+    # the Fashion-MNIST demo size (make demo): 28x28 grey stored as RGB, its own mean / std
+    **{f"optdnn_{scheme}_convnext_iso_fm": _cfg(num_classes=10, input_size=(3, 28, 28), pool_size=(7, 7),
+                                                crop_pct=1.0, interpolation="bilinear", mean=(0.2860,) * 3,
+                                                std=(0.3530,) * 3) for scheme in ("apg2", "gd")},
 })
 
 
@@ -223,3 +233,18 @@ def optdnn_gd_convnext_iso_b(pretrained: bool = False, **kwargs) -> OptDNNConvNe
 def optdnn_gd_convnext_iso_l(pretrained: bool = False, **kwargs) -> OptDNNConvNeXtIsotropic:
     """Isotropic ConvNeXt-L baseline through the scheme driver (gd)."""
     return _convnext_iso("optdnn_gd_convnext_iso_l", "gd", pretrained, _L, kwargs)
+
+
+_FM = dict(depth=6, dim=64, patch_size=4, num_classes=10)
+
+
+@register_model
+def optdnn_apg2_convnext_iso_fm(pretrained: bool = False, **kwargs) -> OptDNNConvNeXtIsotropic:
+    """The demo model: OptDNN-APG2 isotropic ConvNeXt for 28x28 Fashion-MNIST (dim 64, depth 6, patch 4)."""
+    return _convnext_iso("optdnn_apg2_convnext_iso_fm", "apg2", pretrained, _FM, kwargs)
+
+
+@register_model
+def optdnn_gd_convnext_iso_fm(pretrained: bool = False, **kwargs) -> OptDNNConvNeXtIsotropic:
+    """The demo model's GD twin (plain isotropic ConvNeXt of the same size)."""
+    return _convnext_iso("optdnn_gd_convnext_iso_fm", "gd", pretrained, _FM, kwargs)

@@ -12,12 +12,12 @@ every backbone (ViT, isotropic ConvNeXt, the MLPs of the toy experiments) shares
 With every t_k = 1, apg2 computes exactly the gd network (z == x throughout), which is how a
 pretrained baseline warm-starts an apg2 model.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
-from timm.layers import drop_path
+from timm.layers import calculate_drop_path_rates, drop_path
 
 SCHEMES = ("gd", "hb", "nag", "apg2")
 
@@ -42,20 +42,19 @@ class SchemeBlocks(nn.ModuleList):
     """
 
     def __init__(self, branches: Sequence[nn.Module], scheme: str = "apg2",
-                 drop_path_rates: Optional[Sequence[float]] = None):
+                 drop_path_rate: float = 0.0, device=None, dtype=None):
         super().__init__(branches)
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; choose one of {SCHEMES}")
         depth = len(branches)
         self.scheme = scheme
-        self.drop_path_rates: List[float] = [float(r) for r in (drop_path_rates or [0.0] * depth)]
-        if len(self.drop_path_rates) != depth:
-            raise ValueError(f"{len(self.drop_path_rates)} drop-path rates for {depth} blocks")
+        # stochastic depth grows linearly with depth (timm's / DeiT's rule); python floats, so meta-device safe
+        self.drop_path_rates: List[float] = calculate_drop_path_rates(drop_path_rate, depth)
         self.grad_checkpointing = False
         if scheme == "gd":
-            self.register_buffer("coef", torch.ones(0), persistent=False)
+            self.register_buffer("coef", torch.ones(0, device=device, dtype=dtype), persistent=False)
         else:
-            self.coef = nn.Parameter(init_coefficients(scheme, depth))
+            self.coef = nn.Parameter(init_coefficients(scheme, depth).to(device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x, [], len(self.drop_path_rates))[0]
@@ -88,6 +87,10 @@ class SchemeBlocks(nn.ModuleList):
                 if k in keep:
                     kept.append(x)
         return x, kept
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        return {"coef"} if isinstance(self.coef, nn.Parameter) else set()
 
     def truncate(self, depth: int) -> None:
         """Keep blocks 0..depth-1 only (timm's prune_intermediate_layers)."""

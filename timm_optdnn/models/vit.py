@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention, LayerScale, Mlp, PatchEmbed, trunc_normal_
+from timm.layers.helpers import get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import named_apply
@@ -33,15 +34,16 @@ class ViTBranch(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  qk_norm: bool = False, proj_drop: float = 0.0, attn_drop: float = 0.0,
                  init_values: Optional[float] = None, norm_layer: Type[nn.Module] = nn.LayerNorm,
-                 act_layer: Type[nn.Module] = nn.GELU):
+                 act_layer: Type[nn.Module] = nn.GELU, device=None, dtype=None):
         super().__init__()
-        self.norm1 = norm_layer(dim)
+        dd = dict(device=device, dtype=dtype)
+        self.norm1 = norm_layer(dim, **dd)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
-                              attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer)
-        self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+                              attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer, **dd)
+        self.ls1 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
+        self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.ls1(self.attn(self.norm1(x)))
@@ -73,8 +75,11 @@ class OptDNNVisionTransformer(nn.Module):
             attn_drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
             scheme: str = "apg2",
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         if global_pool not in POOLS:
             raise ValueError(f"global_pool={global_pool!r} is not one of {POOLS}")
         if global_pool == "token" and not class_token:
@@ -90,24 +95,23 @@ class OptDNNVisionTransformer(nn.Module):
         self.has_class_token = class_token
 
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                                      embed_dim=embed_dim)
+                                      embed_dim=embed_dim, **dd)
         num_patches = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim, **dd))
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
 
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = SchemeBlocks([
             ViTBranch(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_norm, proj_drop_rate,
-                      attn_drop_rate, init_values, norm_layer) for _ in range(depth)
-        ], scheme=scheme, drop_path_rates=dpr)
+                      attn_drop_rate, init_values, norm_layer, **dd) for _ in range(depth)
+        ], scheme=scheme, drop_path_rate=drop_path_rate, **dd)
         reduction = self.patch_embed.feat_ratio()
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=reduction)
                              for i in range(depth)]
-        self.norm = norm_layer(embed_dim) if not use_fc_norm else nn.Identity()
-        self.fc_norm = norm_layer(embed_dim) if use_fc_norm else nn.Identity()
+        self.norm = norm_layer(embed_dim, **dd) if not use_fc_norm else nn.Identity()
+        self.fc_norm = norm_layer(embed_dim, **dd) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
         trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
@@ -116,7 +120,7 @@ class OptDNNVisionTransformer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        return {"pos_embed", "cls_token", "blocks.coef"}
+        return {"pos_embed", "cls_token"} | {f"blocks.{n}" for n in self.blocks.no_weight_decay()}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -143,7 +147,9 @@ class OptDNNVisionTransformer(nn.Module):
             if global_pool not in POOLS or (global_pool == "token" and not self.has_class_token):
                 raise ValueError(f"global_pool={global_pool!r} is not possible for this model")
             self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        dd = get_device_dtype(self)
+        self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.cls_token is not None:
