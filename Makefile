@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m timm_optdnn.demo
+	$(PY) -m train.demo
+
+demo-compare: $(STAMP)
+	$(PY) -m train.demo --compare
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x --durations=15

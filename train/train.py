@@ -171,12 +171,13 @@ def evaluate(model: nn.Module, loader, dtype: torch.dtype, device: torch.device,
         stats += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(labels.numel(), device=device),
                               nn.functional.cross_entropy(logits, labels, reduction="sum")]).double()
         n_batches += 1
-    if lockstep:
+    if lockstep and dist.is_initialized():
         most = torch.tensor(n_batches, device=device)
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
         for _ in range(int(most) - n_batches):
             model(images[:1].to(dtype))
-    dist.all_reduce(stats)
+    if dist.is_initialized():
+        dist.all_reduce(stats)
     model.train(was_training)
     c1, c5, n, loss = stats.tolist()
     return dict(top1=100 * c1 / n, top5=100 * c5 / n, loss=loss / n, count=int(n))

@@ -1,0 +1,120 @@
+"""The main job (`make demo`): Fashion-MNIST betons -> DeepSpeed training of a small OptDNN-APG2 model on 2 CPU
+ranks -> eval -> export to safetensors -> reload with timm.create_model -> re-eval -> one-line report.
+
+    python -m train.demo                 # APG2 model of configs/demo.yaml
+    python -m train.demo --compare       # + its GD twin, same recipe and budget, side by side
+    python -m train.demo epochs=2        # recipe overrides pass through to `python -m train`
+
+The last line printed is `demo: model=<name> top1=<float>% params=<M>M gflops=<G> train_img_s=<float> wall_s=<float>`
+(with --compare, one such line per model, APG2 last).
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+from .config import CONFIG_DIR, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_data(data_dir: Path) -> Dict[str, str]:
+    """Both Fashion-MNIST splits as betons (from the Debian package's IDX files; no download)."""
+    paths = {}
+    for split, key in (("train", "train_path"), ("test", "val_path")):
+        out = data_dir / f"fashion_mnist_{split}.beton"
+        subprocess.run([sys.executable, "-m", "timm_optdnn.data.write", "fashion-mnist", str(out), "--split", split],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        paths[key] = str(out)
+    return paths
+
+
+def launch(config: Path, overrides: List[str], nproc: int) -> None:
+    """`deepspeed --num_gpus N --module train`: the same launcher a GPU node uses (CPU ranks talk over gloo)."""
+    from .train import _free_port
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+           "--master_port", str(_free_port()), "--module", "train", "--config", str(config), *overrides]
+    print("$", " ".join(cmd[2:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def reload_and_eval(model_name: str, weights: Path, cfg) -> float:
+    """Top-1 of the exported file loaded the way a user would, on one process."""
+    import timm
+    import timm_optdnn  # noqa: F401
+    from timm_optdnn.data import create_loaders
+    from .train import evaluate
+    model = timm.create_model(model_name, pretrained=True, num_classes=cfg.num_classes,
+                              pretrained_cfg_overlay=dict(file=str(weights)), **cfg.model_kwargs)
+    dc = model.pretrained_cfg
+    _, val = create_loaders(cfg.train_path, cfg.val_path, num_classes=cfg.num_classes, batch_size=cfg.batch_size,
+                            val_batch_size=cfg.val_batch_size, num_workers=cfg.num_workers, img_size=cfg.img_size,
+                            val_img_size=cfg.val_img_size, crop_pct=cfg.crop_pct,
+                            mean=cfg.mean or dc["mean"], std=cfg.std or dc["std"])
+    return evaluate(model, val, torch.float32, torch.device("cpu"), lockstep=False)["top1"]
+
+
+def gflops(model_name: str, cfg) -> float:
+    from timm_optdnn.flops import count
+    return count(model_name, img_size=cfg.img_size, num_classes=cfg.num_classes, **cfg.model_kwargs)[0]
+
+
+def run_one(model: str, args, data: Dict[str, str], t_start: float) -> Dict[str, Any]:
+    from timm_optdnn.export import export
+    out_dir = Path(args.out) / model
+    overrides = [f"{k}={v}" for k, v in data.items()] + [f"model={model}", f"out_dir={out_dir}", *args.overrides]
+    cfg = load_config(str(args.config), overrides)  # validated here, before the launcher starts
+    launch(args.config, overrides, args.nproc)
+    result = json.loads((out_dir / "result.json").read_text())
+    weights = export(out_dir, Path(args.out) / f"{model}.safetensors")
+    top1, reload_top1 = result["last"]["top1"], reload_and_eval(model, weights, cfg)
+    if abs(top1 - reload_top1) > 0.05:
+        raise RuntimeError(f"reloaded {weights} scores {reload_top1:.2f}% but the run measured {top1:.2f}%")
+    return dict(model=model, top1=top1, reload_top1=reload_top1, ema_top1=result["last"].get("ema_top1"),
+                params=result["params"] / 1e6, gflops=gflops(model, cfg), train_img_s=result["train_img_s"],
+                train_s=result["train_s"], epochs=result["last"]["epoch"], steps=result["step"],
+                peak_mem_mb=result["peak_mem_mb"], coef=result["scheme_coefficients"], weights=str(weights),
+                wall_s=time.time() - t_start)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=CONFIG_DIR / "demo.yaml")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--nproc", type=int, default=2, help="CPU ranks")
+    p.add_argument("--compare", action="store_true", help="also train the GD twin and print both")
+    p.add_argument("overrides", nargs="*", help="key=value recipe overrides")
+    args = p.parse_args(argv)
+    apg2 = load_config(str(args.config), args.overrides).model
+    models = [apg2.replace("optdnn_apg2_", "optdnn_gd_"), apg2] if args.compare else [apg2]
+
+    t0 = time.time()
+    data = write_data(Path(args.out) / "data")
+    print(f"data: Fashion-MNIST betons written in {time.time() - t0:.1f} s", flush=True)
+    results = []
+    for model in models:
+        t_model = t0 if model == models[0] else time.time()  # each model's wall time: its own data-to-report span
+        results.append(run_one(model, args, data, t_model))
+
+    print("\n| model | val top-1 (DeepSpeed eval) | top-1 reloaded | params | GFLOPs | train img/s | epochs | "
+          "train s | wall s |\n|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['model']} | {r['top1']:.2f}% | {r['reload_top1']:.2f}% | {r['params']:.3f}M | {r['gflops']:.4f} | "
+              f"{r['train_img_s']:.0f} | {r['epochs']} | {r['train_s']:.0f} | {r['wall_s']:.0f} |")
+    for r in results:
+        if r["coef"]:
+            print(f"{r['model']} learned t_k: {r['coef']}")
+        print(f"weights: {r['weights']}")
+    for r in results:
+        print(f"demo: model={r['model']} top1={r['top1']:.2f}% params={r['params']:.3f}M gflops={r['gflops']:.4f} "
+              f"train_img_s={r['train_img_s']:.1f} wall_s={r['wall_s']:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
