@@ -124,6 +124,43 @@ def test_publish_local_dir_round_trip(trained, tmp_path):
     assert "Learned scheme coefficients" in card
 
 
+DS_RUN = """
+import os, sys, torch, deepspeed, timm, timm_optdnn
+run, port = sys.argv[1], sys.argv[2]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+model = timm.create_model("{arch}", num_classes=5, **{kwargs})
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.1),
+                                  config=dict(train_batch_size=2, zero_optimization=dict(stage=1)))
+for _ in range(2):  # move every weight (incl. the t_k) away from its init
+    engine.backward(engine(torch.randn(2, 3, 32, 32)).logsumexp(1).mean())
+    engine.step()
+engine.save_checkpoint(run + "/checkpoints", tag="step2", client_state=dict(
+    model="{arch}", model_kwargs={kwargs}, num_classes=5))
+open(run + "/checkpoints/latest", "w").write("step2")
+open(run + "/config.yaml", "w").write("model: {arch}\\nzero_stage: 1\\n")
+torch.save(engine.module.eval()(torch.load(sys.argv[3])), run + "/logits.pt")
+"""
+
+
+@pytest.mark.timeout(180)
+def test_publish_from_a_deepspeed_run_dir(tmp_path):
+    """A real (one-rank, ZeRO-1) DeepSpeed checkpoint: model, kwargs and recipe come from the run itself."""
+    import subprocess
+    import sys
+    kwargs = {k: v for k, v in ARGS.items() if k != "num_classes"}
+    torch.save(X, tmp_path / "x.pt")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "-c", DS_RUN.format(arch=ARCH, kwargs=kwargs), str(run), str(port),
+                    str(tmp_path / "x.pt")], check=True, timeout=170, capture_output=True)
+    main(["publish", str(run), "--out", str(tmp_path / "pub")])
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'pub'}", pretrained=True).eval()
+    assert torch.equal(loaded(X), torch.load(run / "logits.pt"))
+    assert "zero_stage: 1" in (tmp_path / "pub" / "README.md").read_text()
+
+
 @pytest.mark.timeout(60)
 def test_publish_rejects_a_checkpoint_of_another_shape(trained, tmp_path):
     arch, _, export = trained

@@ -23,7 +23,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from safetensors import safe_open
@@ -163,18 +163,23 @@ def shipped(filename: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- publish
 
-def load_run(source: Union[str, Path]) -> Dict[str, torch.Tensor]:
-    """A plain state dict from an exported weight file (safetensors / torch) or a DeepSpeed checkpoint dir."""
+def load_run(source: Union[str, Path], ema: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(state dict, what the run recorded about itself: model, model_args, recipe) from an exported weight
+    file (safetensors / torch) or a DeepSpeed run / checkpoint directory (consolidated by `timm_optdnn.export`)."""
     source = Path(source)
     if source.is_file():
-        return load_state_dict(str(source))
+        info = {}
+        if source.suffix == ".safetensors":
+            with safe_open(str(source), framework="pt") as f:
+                info["model"] = (f.metadata() or {}).get("model")  # `timm_optdnn.export` records it
+        return load_state_dict(str(source)), info
     if source.is_dir():
-        try:
-            from timm_optdnn.export import export_state_dict
-        except ImportError as e:
-            raise RuntimeError(f"{source} is a directory, and reading DeepSpeed runs needs "
-                               f"timm_optdnn.export.export_state_dict ({e})") from e
-        return export_state_dict(source)
+        from timm_optdnn.export import client_state, export_state_dict
+        state = client_state(source)
+        recipe = source / "config.yaml"  # the trainer saves the effective config in the run dir
+        return export_state_dict(source, ema=ema), dict(
+            model=state.get("model"), model_args=dict(state.get("model_kwargs") or {}, num_classes=state["num_classes"]),
+            recipe=recipe.read_text() if recipe.is_file() else None)
     raise FileNotFoundError(f"no checkpoint at {source}")
 
 
@@ -216,23 +221,28 @@ def model_card(model: torch.nn.Module, name: str, sha256: str, top1: Optional[fl
                    "\n## Training recipe\nnot recorded\n")
 
 
-def publish(source: Union[str, Path], out: Union[str, Path], model_name: str,
+def publish(source: Union[str, Path], out: Union[str, Path], model_name: Optional[str] = None,
             model_args: Optional[Dict[str, Any]] = None, data_config: Optional[Dict[str, Any]] = None,
             label_names: Optional[Sequence[str]] = None, hash_name: bool = False, card_name: Optional[str] = None,
-            **card: Any) -> Path:
+            ema: bool = False, recipe: Optional[str] = None, **card: Any) -> Path:
     """Write `out/` = config.json + model.safetensors (timm's `save_for_hf`) + README.md; returns the weight file.
 
-    The state dict must fit `model_name(**model_args)` exactly (strict load), so a published folder always
-    rebuilds the trained network. `hash_name` names the weights `model-<sha256>.safetensors`, the form a
-    `url` / shipped `file` cfg verifies (`local-dir:` loads either name).
+    Model name, its kwargs and the recipe default to what the run recorded; explicit ones win. The state dict
+    must fit `model_name(**model_args)` exactly (strict load), so a published folder always rebuilds the trained
+    network. `hash_name` names the weights `model-<sha256>.safetensors`, the form a `url` / shipped `file` cfg
+    verifies (`local-dir:` loads either name).
     """
     import timm
-    state = load_run(source)
-    model = timm.create_model(model_name, pretrained=False, **(model_args or {}))
+    state, info = load_run(source, ema)
+    model_name = model_name or info.get("model")
+    if not model_name or model_name == "None":
+        raise ValueError(f"{source} does not record its model: pass --model")
+    model_args = {**info.get("model_args", {}), **(model_args or {})}
+    model = timm.create_model(model_name, pretrained=False, **model_args)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{source} does not fit {model_name}({model_args or ''}): {e}") from e
+        raise ValueError(f"{source} does not fit {model_name}({model_args}): {e}") from e
     out = Path(out)
     for old in out.glob("*.safetensors"):  # republishing: exactly one weight file
         old.unlink()
@@ -242,7 +252,8 @@ def publish(source: Union[str, Path], out: Union[str, Path], model_name: str,
     sha = sha256_file(weights)
     if hash_name:
         weights = weights.rename(out / f"model-{sha}.safetensors")
-    (out / "README.md").write_text(model_card(model, card_name or model_name, sha, **card), encoding="utf-8")
+    card = model_card(model, card_name or model_name, sha, recipe=recipe or info.get("recipe"), **card)
+    (out / "README.md").write_text(card, encoding="utf-8")
     return weights
 
 
@@ -275,8 +286,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     pp = sub.add_parser("publish", help="run / checkpoint -> hub folder (config.json, model.safetensors, README.md)")
     pp.add_argument("source", help="exported state dict (.safetensors/.pth) or DeepSpeed checkpoint directory")
     pp.add_argument("--out", required=True, help="output folder")
-    pp.add_argument("--model", required=True, help="registered architecture, e.g. optdnn_apg2_convnext_iso_s")
-    pp.add_argument("--model-args", nargs="*", default=[], metavar="K=V", help="create_model kwargs, e.g. dim=64")
+    pp.add_argument("--model", help="registered architecture (default: the one the run / export recorded)")
+    pp.add_argument("--model-args", nargs="*", default=[], metavar="K=V",
+                    help="create_model kwargs, e.g. dim=64 (default: those the run recorded)")
+    pp.add_argument("--ema", action="store_true", help="publish a DeepSpeed run's EMA weights")
     pp.add_argument("--name", help="name in the model card (e.g. <arch>.<tag>); default: --model")
     pp.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
     pp.add_argument("--mean", type=float, nargs="+")
@@ -288,7 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     pp.add_argument("--top5", type=float)
     pp.add_argument("--dataset", help="evaluation dataset and split, e.g. 'Fashion-MNIST test (10k)'")
     pp.add_argument("--gflops", type=float, help="measured GFLOPs per image at the input size")
-    pp.add_argument("--recipe", type=Path, help="training recipe (YAML) to quote in the card")
+    pp.add_argument("--recipe", type=Path, help="training recipe (YAML) for the card (default: the run's config.yaml)")
     pp.add_argument("--notes", help="description paragraph for the card")
     pp.add_argument("--hash-name", action="store_true", help="name the weights model-<sha256>.safetensors")
     pp.add_argument("--push", metavar="ORG/NAME", help="upload the folder to the Hugging Face hub")
@@ -300,7 +313,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit(f"--recipe {a.recipe}: no such file")
     import timm_optdnn  # noqa: F401  registers the architectures
     weights = publish(a.source, a.out, a.model, _kv(a.model_args), data_config or None,
-                      a.label_names.split(",") if a.label_names else None, a.hash_name, a.name,
+                      a.label_names.split(",") if a.label_names else None, a.hash_name, a.name, a.ema,
                       top1=a.top1, top5=a.top5, dataset=a.dataset, gflops=a.gflops,
                       recipe=a.recipe.read_text() if a.recipe else None, notes=a.notes)
     print(f"published {a.out}: {weights.name} sha256 {sha256_file(weights)}")
