@@ -136,7 +136,7 @@ class FFCVTrainLoader(_Loader):
             self.loader.generate_code()
             self.compiled_res = res
         for images, labels in EpochIterator(self.loader, order[self.skip * self.batch_size:]):
-            yield self.targets(self.augment(images), labels.to(self.augment.device, non_blocking=True).long())
+            yield self.targets(self.augment(images), labels.to(self.augment.device, non_blocking=True).long().view(-1))
 
 
 class FFCVValLoader:

@@ -1,0 +1,55 @@
+"""Two real gloo ranks: train shards are disjoint up to the sampler's padding and cover the dataset every epoch;
+val shards are disjoint, unpadded and cover it exactly once. 41 classes of one image each, so label = sample id."""
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as tmp_mp
+from PIL import Image
+
+pytest.importorskip("ffcv")
+from timm_optdnn.data import create_loaders, write_beton  # noqa: E402
+
+N = 41
+
+
+def _rank(rank: int, port: int, folder: str, beton: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    seen = {}
+    for backend, path, workers in (("ffcv", beton, 1), ("torchvision", folder, 0)):
+        train, val = create_loaders(path, path, num_classes=N, backend=backend, batch_size=4, num_workers=workers,
+                                    img_size=16, drop_last=False, distributed=True, seed=7)
+        for epoch in (0, 1):
+            train.set_epoch(epoch)
+            seen[f"{backend}_train{epoch}"] = [t for _, y in train for t in y.tolist()]
+        seen[f"{backend}_val"] = [t for _, y in val for t in y.tolist()]
+    Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(240)
+def test_two_rank_sharding(tmp_path):
+    folder = tmp_path / "train"
+    rng = np.random.default_rng(0)
+    for i in range(N):
+        (folder / f"c{i:02d}").mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(folder / f"c{i:02d}/x.jpg")
+    beton = tmp_path / "ids.beton"
+    write_beton(str(folder), beton, workers=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tmp_mp.spawn(_rank, args=(port, str(folder), str(beton), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    for backend in ("ffcv", "torchvision"):
+        for epoch in (0, 1):
+            a, b = r0[f"{backend}_train{epoch}"], r1[f"{backend}_train{epoch}"]
+            assert len(a) == len(b) == 21  # 41 padded to 42 by repeating one sample, as DistributedSampler does
+            assert set(a) | set(b) == set(range(N)) and len(set(a) & set(b)) <= 1
+        assert r0[f"{backend}_train0"] != r0[f"{backend}_train1"]  # a new order each epoch
+        va, vb = r0[f"{backend}_val"], r1[f"{backend}_val"]
+        assert sorted(va + vb) == list(range(N)) and {len(va), len(vb)} == {20, 21}  # each sample exactly once
+    assert r0["ffcv_train0"] == r0["torchvision_train0"]  # same sampler, same seed: the backends agree on the order
