@@ -91,8 +91,8 @@ class TrainConfig:
     # --plan only: assumed device throughput for the wall-time estimate
     plan_gpus_per_node: int = 8
     plan_nodes: int = 1
-    plan_peak_tflops: float = 989.0  # H100 SXM dense bf16
-    plan_utilization: float = 0.35
+    plan_peak_tflops: float = 312.0  # A100 dense bf16 (H100 SXM: 989)
+    plan_utilization: float = 0.3
 
     def __post_init__(self) -> None:
         _check_types(self)

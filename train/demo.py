@@ -26,10 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def write_data(data_dir: Path) -> Dict[str, str]:
     """Both Fashion-MNIST splits as betons (from the Debian package's IDX files; no download)."""
     paths = {}
+    data_dir.mkdir(parents=True, exist_ok=True)
     for split, key in (("train", "train_path"), ("test", "val_path")):
         out = data_dir / f"fashion_mnist_{split}.beton"
-        subprocess.run([sys.executable, "-m", "timm_optdnn.data.write", "fashion-mnist", str(out), "--split", split],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        r = subprocess.run([sys.executable, "-m", "timm_optdnn.data.write", "fashion-mnist", str(out), "--split", split, "--overwrite"],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"writing {out} failed:\n{r.stderr[-2000:]}")
         paths[key] = str(out)
     return paths
 

@@ -1,0 +1,174 @@
+"""The trainer as users run it: real DeepSpeed processes (2 CPU ranks over gloo), real Fashion-MNIST betons.
+
+One uninterrupted ZeRO-2 run (deepspeed launcher) is the reference; a 2-node torchrun run of the same recipe is
+preempted with SIGTERM and resumed with the deepspeed launcher, and must reproduce the reference losses step for
+step; a ZeRO-1 run with an absurd lr must stop on the non-finite loss with its last checkpoint intact.
+"""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+TINY = ["model=optdnn_apg2_convnext_iso_fm", "model_kwargs={dim: 32, depth: 3}", "num_classes=10", "img_size=28",
+        "crop_pct=1.0", "scale=[0.5,1.0]", "batch_size=32", "val_batch_size=100", "num_workers=1", "epochs=2",
+        "lr=2e-3", "warmup_epochs=0.5", "drop_path=0.1", "ema=true", "ema_decay=0.9", "layer_decay=0.9",
+        "ckpt_every_steps=4", "keep_last=2", "log_every_steps=5", "threads=1", "dist_timeout_s=120"]
+
+
+def _port() -> int:
+    from train.train import _free_port
+    return _free_port()
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
+def deepspeed_cmd(*args: str) -> list:
+    return [PY, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()),
+            "--module", "train", *args]
+
+
+def run(cmd: list, timeout: int = 240) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    r.log = r.stdout + r.stderr
+    return r
+
+
+def steps(out: Path) -> list:
+    return [(r["step"], r["loss"], r["lr"]) for r in csv.DictReader((out / "steps.csv").open())]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from timm_optdnn.data import write_beton
+    d = tmp_path_factory.mktemp("fm")
+    write_beton("fashion-mnist", d / "train.beton", split="train", subset=0.02)  # 1200 images: 18 steps/epoch
+    write_beton("fashion-mnist", d / "test.beton", split="test", subset=0.05)  # 500 images
+    return [f"train_path={d / 'train.beton'}", f"val_path={d / 'test.beton'}"]
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """The uninterrupted ZeRO-2 run through the deepspeed launcher."""
+    out = tmp_path_factory.mktemp("ref")
+    r = run(deepspeed_cmd(*TINY, *data, "zero_stage=2", f"out_dir={out}"))
+    assert r.returncode == 0, r.log[-3000:]
+    return out, r.log
+
+
+@pytest.mark.timeout(300)
+def test_zero2_run_logs_evaluates_and_keeps_last_checkpoints(reference):
+    out, log = reference
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "finished" and result["step"] == 2 * (1200 // 64)
+    assert result["last"]["val_count"] == 500  # each val sample counted exactly once over the 2 ranks
+    assert 0 <= result["last"]["top1"] <= 100 and result["last"]["top1"] <= result["last"]["top5"]
+    assert result["last"]["ema_top1"] is not None
+    assert [int(r["epoch"]) for r in csv.DictReader((out / "summary.csv").open())] == [1, 2]
+    assert [int(s) for s, _, _ in steps(out)] == list(range(1, 37))
+    tags = sorted(p.name for p in (out / "checkpoints").glob("step*"))
+    assert tags == ["step00000032", "step00000036"]  # keep_last=2
+    assert (out / "checkpoints" / "latest").read_text() == "step00000036"
+    assert (out / "curves.png").stat().st_size > 0 and any((out / "tb").iterdir())
+    assert (out / "config.yaml").is_file() and "epoch 2/2" in log
+    # the learned APG2 coefficients moved away from their 2/(k+2) start
+    assert result["scheme_coefficients"][0] != 1.0 or result["scheme_coefficients"][1] != round(2 / 3, 4)
+
+
+@pytest.mark.timeout(120)
+def test_export_reload_matches_training_eval(reference, data, tmp_path):
+    import timm
+    from timm_optdnn.data import create_loaders
+    from timm_optdnn.export import export
+    from train.train import evaluate
+    out, _ = reference
+    last = json.loads((out / "result.json").read_text())["last"]
+    _, val = create_loaders(data[0].split("=", 1)[1], data[1].split("=", 1)[1], num_classes=10, batch_size=32,
+                            val_batch_size=100, num_workers=1, img_size=28, crop_pct=1.0,
+                            mean=(0.286,) * 3, std=(0.353,) * 3)
+    for ema, key in ((False, "top1"), (True, "ema_top1")):
+        f = export(out, tmp_path / f"m_{ema}.safetensors", ema=ema)  # ZeRO-2 shards consolidated by DeepSpeed
+        model = timm.create_model("optdnn_apg2_convnext_iso_fm", pretrained=True, dim=32, depth=3,
+                                  pretrained_cfg_overlay=dict(file=str(f)))
+        assert evaluate(model, val, torch.float32, torch.device("cpu"), lockstep=False)["top1"] == \
+            pytest.approx(last[key], abs=1e-9)
+
+
+@pytest.mark.timeout(400)
+def test_torchrun_two_nodes_sigterm_then_exact_resume(reference, data, tmp_path):
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    port = _port()
+    agents = [subprocess.Popen(
+        [PY, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+         "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "train", *TINY, *data, "zero_stage=2",
+         f"out_dir={out}"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)]
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "latest").is_file():  # preempt once the first checkpoint is down
+        assert time.time() < deadline and all(a.poll() is None for a in agents), agents[0].stdout.read()[-3000:]
+        time.sleep(0.05)
+    for a in agents:
+        a.send_signal(signal.SIGTERM)
+    logs = [a.communicate(timeout=120)[0] for a in agents]
+    assert "received ['SIGTERM']" in logs[0] + logs[1], logs[0][-3000:]
+    stopped = json.loads((out / "result.json").read_text())
+    assert stopped["status"] == "preempted" and 4 <= stopped["step"] < 36
+    assert (out / "checkpoints" / "latest").read_text() == f"step{stopped['step']:08d}"
+
+    r = run(deepspeed_cmd(*TINY, *data, "zero_stage=2", f"out_dir={out}", "resume=auto"))
+    assert r.returncode == 0, r.log[-3000:]
+    assert f"resumed from {out / 'checkpoints' / 'step'}" in r.log
+    assert steps(out) == steps(ref_out)  # same loss and lr at every one of the 36 steps
+
+
+@pytest.mark.timeout(300)
+def test_zero1_nonfinite_loss_stops_with_last_checkpoint_intact(data, tmp_path):
+    from timm_optdnn.export import export_state_dict
+    r = run(deepspeed_cmd(*TINY, *data, "zero_stage=1", f"out_dir={tmp_path}", "lr=1e12", "warmup_epochs=0",
+                          "ckpt_every_steps=1"))
+    assert r.returncode != 0 and "non-finite loss" in r.log, r.log[-3000:]
+    tag = (tmp_path / "checkpoints" / "latest").read_text()
+    assert tag.startswith("step") and int(tag[4:]) >= 1
+    assert export_state_dict(tmp_path)  # ZeRO-1 shards of the last good step consolidate
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("overrides, message", [
+    (["lrr=1e-3"], "unknown config key(s): lrr (did you mean lr?)"),
+    (["batch_size=12.5"], "batch_size=12.5 (float) is not a valid"),
+    (["ema=true", "zero_stage=3"], "ema=true needs zero_stage <= 2"),
+    (["zero_stage=4"], "zero_stage=4"),
+    (["model=resnet_nope"], "model='resnet_nope' is not a registered timm model"),
+    (["warmup_epochs=10", "epochs=5"], "warmup_epochs=10.0 must be < epochs=5"),
+    (["res_schedule=[160,192]"], "res_schedule=[160, 192]"),
+    (["precision=fp16", "device=cpu"], "precision=fp16 needs a GPU"),
+    (["epochs"], "override 'epochs' is not key=value"),
+])
+def test_config_errors_are_clear(overrides, message):
+    from train.config import ConfigError, load_config
+    with pytest.raises(ConfigError) as e:
+        load_config(str(ROOT / "configs" / "demo.yaml"), overrides)
+    assert message in str(e.value)
+
+
+@pytest.mark.timeout(120)
+def test_cli_rejects_bad_config_before_work_and_plans(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: optdnn_apg2_vit_s\nbatch_sizee: 64\n")
+    r = run([PY, "-m", "train", "--config", str(bad)], timeout=60)
+    assert r.returncode == 2 and "unknown config key(s): batch_sizee (did you mean batch_size?)" in r.stderr
+    r = run([PY, "-m", "train", "--config", "configs/optdnn_apg2_vit_s.yaml", "--plan", "plan_nodes=4"], timeout=90)
+    assert r.returncode == 0, r.log[-2000:]
+    assert "4 node(s) x 8 GPUs = 32 ranks" in r.stdout and "128 per GPU x accum 1 = 4096 global" in r.stdout
+    assert "312 / epoch (1281167 images)" in r.stdout and "GPU-hours" in r.stdout
