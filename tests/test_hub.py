@@ -262,3 +262,41 @@ def test_list_pretrained_is_exactly_the_tags_with_weights():
 def test_pretrained_without_weights_is_a_clear_error():
     with pytest.raises(RuntimeError, match=f"No pretrained weights exist for {ARCH}"):
         timm.create_model(ARCH, pretrained=True, **ARGS)
+
+
+# ------------------------------------------------------------------------------------- shipped weights
+
+SHIPPED = timm.list_pretrained("optdnn*")
+
+
+@pytest.fixture(scope="module")
+def fashion_mnist_test(tmp_path_factory) -> Path:
+    """The real Fashion-MNIST test split (10k, from the Debian package) as a beton, written like the demo's."""
+    from timm_optdnn.data import write_beton
+    beton = tmp_path_factory.mktemp("fmnist") / "fashion_mnist_test.beton"
+    write_beton("fashion-mnist", beton, split="test")
+    return beton
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_weights_load_offline_and_score_their_model_card(name, fashion_mnist_test):
+    from timm_optdnn.data import create_loaders
+    with offline():
+        model = timm.create_model(name, pretrained=True).eval()
+    folder = Path(model.pretrained_cfg["file"]).parent
+    card = (folder / "README.md").read_text()
+    assert "Fashion-MNIST" in card, f"{name}: only Fashion-MNIST weights are shipped and evaluated here"
+    stated = float(re.search(r"\*\*Top-1 accuracy \(%\):\*\* ([0-9.]+)", card).group(1))
+    data = timm.data.resolve_data_config({}, model=model)  # the preprocessing the tag declares, as a user gets it
+    _, val = create_loaders(str(fashion_mnist_test), str(fashion_mnist_test), num_classes=model.num_classes,
+                            batch_size=1000, num_workers=2, img_size=data["input_size"][-1],
+                            crop_pct=data["crop_pct"], mean=data["mean"], std=data["std"])
+    correct = seen = 0
+    with torch.inference_mode():
+        for images, labels in val:
+            correct += (model(images).argmax(1) == labels).sum().item()
+            seen += labels.numel()
+    assert seen == 10_000
+    assert abs(100 * correct / seen - stated) <= 0.1, (name, 100 * correct / seen, stated)
+    assert torch.equal(timm.create_model(f"local-dir:{folder}", pretrained=True).eval()(images), model(images))

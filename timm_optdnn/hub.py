@@ -249,6 +249,7 @@ def publish(source: Union[str, Path], out: Union[str, Path], model_name: Optiona
     save_for_hf(model.eval(), out, model_config=dict(label_names=list(label_names)) if label_names else None,
                 data_config=data_config, safe_serialization=True)
     weights = out / "model.safetensors"
+    weights.chmod(0o644)  # safetensors writes 0600: a shipped / uploaded file must be readable by all
     sha = sha256_file(weights)
     if hash_name:
         weights = weights.rename(out / f"model-{sha}.safetensors")
