@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 
 pytest.importorskip("ffcv")
+# numba prints a KeyError while garbage-collecting FFCV's compiled ctypes wrappers: harmless, not ours
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform  # noqa: E402
 
 from timm_optdnn.data import check_beton, create_loaders, resolution, write_beton  # noqa: E402
@@ -97,6 +99,31 @@ def test_val_center_crop_matches_timm_reference(betons, folder):
     assert images.shape == ref.shape == (12, 3, 32, 32)
     err = (to_uint8(images).float() - to_uint8(ref).float()).abs()
     assert err.mean() < 6, err.mean()  # JPEG re-encode + INTER_AREA vs bilinear resampling
+
+
+@pytest.mark.timeout(120)
+def test_scaled_decoder_close_to_full_decode(tmp_path):
+    """Real photos (500x375, q90), 0.875 center crop (328 px) to 112 / 64 px: libjpeg-turbo decodes at 1/2 / 1/4
+    scale. Both decoders are compared with full decode + box-filter resize of the same crop (PIL)."""
+    from timm_optdnn.data.benchmark import make_photos
+    root = make_photos(tmp_path / "train", 8, classes=2)
+    write_beton(str(root), tmp_path / "photos.beton", workers=1)
+    for res in (112, 64):
+        out = {}
+        for scaled in (False, True):
+            _, val = create_loaders(tmp_path / "photos.beton", tmp_path / "photos.beton", num_classes=2, batch_size=8,
+                                    num_workers=1, img_size=res, crop_pct=0.875, scaled_decode=scaled)
+            out[scaled] = to_uint8(next(iter(val))[0]).float()
+        refs = []
+        for f in sorted(root.rglob("*.jpg")):
+            im = load_rgb(f)
+            c = int(0.875 * min(im.size))
+            box = ((im.width - c) // 2, (im.height - c) // 2, (im.width - c) // 2 + c, (im.height - c) // 2 + c)
+            refs.append(torch.from_numpy(np.array(im.crop(box).resize((res, res), Image.BOX))).permute(2, 0, 1))
+        ref = torch.stack(refs).float()
+        stock, scaled = (out[False] - ref).abs().mean(), (out[True] - ref).abs().mean()
+        assert stock < 3 and scaled < 6, (res, stock, scaled)  # mean abs error in 0..255 levels
+        assert not torch.equal(out[False], out[True])  # the scaled path really ran
 
 
 @pytest.mark.timeout(120)

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 pytest.importorskip("ffcv")
+# numba prints a KeyError while garbage-collecting FFCV's compiled ctypes wrappers: harmless, not ours
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 
 from timm_optdnn.data import check_beton, create_loaders, write_beton  # noqa: E402

@@ -11,6 +11,8 @@ import torch.multiprocessing as tmp_mp
 from PIL import Image
 
 pytest.importorskip("ffcv")
+# numba prints a KeyError while garbage-collecting FFCV's compiled ctypes wrappers: harmless, not ours
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 from timm_optdnn.data import create_loaders, write_beton  # noqa: E402
 
 N = 41

@@ -107,8 +107,9 @@ class _Loader:
 
 class FFCVTrainLoader(_Loader):
     def __init__(self, path, *, batch_size, num_workers, img_size, res_schedule, scale, ratio, hflip, order,
-                 distributed, seed, os_cache, drop_last, augment: BatchAugment, targets: Targets):
+                 distributed, seed, os_cache, drop_last, scaled_decode, augment: BatchAugment, targets: Targets):
         from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
+        from .decoders import ScaledRandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
         orders = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
@@ -117,7 +118,8 @@ class FFCVTrainLoader(_Loader):
             raise ValueError(f"order must be one of {sorted(orders)}, got {order!r}")
         if order == "quasi_random" and distributed:
             raise ValueError("FFCV's quasi_random order does not support distributed=True; use order='random'")
-        self.decoder = RandomResizedCropRGBImageDecoder((img_size, img_size), scale=scale, ratio=ratio)
+        decoder = ScaledRandomResizedCropRGBImageDecoder if scaled_decode else RandomResizedCropRGBImageDecoder
+        self.decoder = decoder((img_size, img_size), scale=scale, ratio=ratio)
         flip = [RandomHorizontalFlip(hflip)] if hflip > 0 else []
         self.loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
                              order=orders[order], distributed=distributed, seed=seed, drop_last=drop_last,
@@ -142,15 +144,17 @@ class FFCVTrainLoader(_Loader):
 class FFCVValLoader:
     """Sequential, unpadded: rank r reads samples r, r+world, ... so every sample is counted exactly once."""
 
-    def __init__(self, path, *, batch_size, num_workers, img_size, crop_pct, distributed, os_cache, mean, std,
-                 device, channels_last, num_samples):
+    def __init__(self, path, *, batch_size, num_workers, img_size, crop_pct, distributed, os_cache, scaled_decode,
+                 mean, std, device, channels_last, num_samples):
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
+        from .decoders import ScaledCenterCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
         rank, world = _rank_world(distributed)
+        decoder = ScaledCenterCropRGBImageDecoder if scaled_decode else CenterCropRGBImageDecoder
         self.loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
                              order=OrderOption.SEQUENTIAL, indices=np.arange(rank, num_samples, world), drop_last=False,
-                             pipelines={"image": [CenterCropRGBImageDecoder((img_size, img_size), ratio=crop_pct),
+                             pipelines={"image": [decoder((img_size, img_size), ratio=crop_pct),
                                                   ToTensor(), ToTorchImage()],
                                         "label": [IntDecoder(), ToTensor(), Squeeze()]})
         self.norm = BatchAugment(None, 0.0, mean, std, device, channels_last)
@@ -177,17 +181,21 @@ class TorchvisionTrainLoader(_Loader):
         n = len(self.sampler)
         super().__init__(n // batch_size if drop_last else math.ceil(n / batch_size), img_size, res_schedule, targets)
         self.batch_size, self.num_workers, self.device, self.channels_last = batch_size, num_workers, device, channels_last
-        self.transform_kwargs = transform_kwargs
+        self.transform_kwargs, self.loader_res = transform_kwargs, None
+        self.order: list[int] = []  # the sampler the DataLoader reads, refilled in place each epoch (main process)
 
     def __iter__(self):
         from torch.utils.data import DataLoader
-        self.dataset.transform = create_transform(self.resolution(self.epoch), is_training=True, **self.transform_kwargs)
+        res = self.resolution(self.epoch)
+        if res != self.loader_res:  # workers hold a copy of the transform: a new resolution needs new workers
+            self.dataset.transform = create_transform(res, is_training=True, **self.transform_kwargs)
+            self.loader = DataLoader(self.dataset, self.batch_size, sampler=self.order, num_workers=self.num_workers,
+                                     pin_memory=self.device.startswith("cuda"), persistent_workers=self.num_workers > 0)
+            self.loader_res = res
         self.sampler.set_epoch(self.epoch)
-        order = list(self.sampler)[self.skip * self.batch_size: self.batches * self.batch_size]
-        loader = DataLoader(self.dataset, self.batch_size, sampler=order, num_workers=self.num_workers,
-                            pin_memory=self.device.startswith("cuda"), drop_last=False)
+        self.order[:] = list(self.sampler)[self.skip * self.batch_size: self.batches * self.batch_size]
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        for images, labels in loader:
+        for images, labels in self.loader:
             images = images.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
             yield self.targets(images, labels.to(self.device, non_blocking=True))
 
@@ -224,11 +232,12 @@ def create_loaders(train_path: str, val_path: str, *, num_classes: int, backend:
                    rand_augment: str | None = None,
                    re_prob: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0, label_smoothing: float = 0.0,
                    distributed: bool = False, seed: int = 0, device: str = "cpu", channels_last: bool = False,
-                   order: str = "random", os_cache: bool = True, drop_last: bool = True):
+                   order: str = "random", os_cache: bool = True, drop_last: bool = True, scaled_decode: bool = True):
     """(train loader, val loader). Train yields normalised float images on `device` and int64 labels, or soft
     [B, num_classes] targets when mixup / cutmix / label_smoothing > 0 (`train.soft_targets`). Val yields
     (images, int64 labels), each val sample on exactly one rank. backend: 'ffcv' (paths are betons) or
-    'torchvision' (paths are ImageFolder roots). res_schedule: (start_res, end_res, start_ramp, end_ramp)."""
+    'torchvision' (paths are ImageFolder roots). res_schedule: (start_res, end_res, start_ramp, end_ramp).
+    scaled_decode: decode JPEGs at 1/2..1/8 scale when the crop is at least that much larger than the output."""
     if backend not in ("ffcv", "torchvision"):
         raise ValueError(f"backend must be 'ffcv' or 'torchvision', got {backend!r}")
     if batch_size < 1 or num_workers < 0:
@@ -262,8 +271,9 @@ def create_loaders(train_path: str, val_path: str, *, num_classes: int, backend:
     train = FFCVTrainLoader(train_path, batch_size=batch_size, num_workers=num_workers, img_size=img_size,
                             res_schedule=res_schedule, scale=scale, ratio=ratio, hflip=hflip, order=order,
                             distributed=distributed, seed=seed, os_cache=os_cache, drop_last=drop_last,
-                            augment=augment, targets=targets)
+                            scaled_decode=scaled_decode, augment=augment, targets=targets)
     val = FFCVValLoader(val_path, batch_size=val_batch_size, num_workers=num_workers, img_size=val_img_size,
-                        crop_pct=crop_pct, distributed=distributed, os_cache=os_cache, mean=mean, std=std,
+                        crop_pct=crop_pct, distributed=distributed, os_cache=os_cache, scaled_decode=scaled_decode,
+                        mean=mean, std=std,
                         device=device, channels_last=channels_last, num_samples=val_meta["num_samples"])
     return train, val

@@ -1,0 +1,126 @@
+"""Loader throughput, side by side on the same ImageNet-like JPEGs and the same 224 px random-resized-crop output.
+
+    python -m timm_optdnn.data.benchmark --images 1000 --workers 2
+
+The photos are crops and rescales of scikit-image's bundled colour sample photographs (astronaut, chelsea, coffee,
+hubble_deep_field, ihc, motorcycle_left, retina, rocket), 500x375 or 375x500, saved as JPEG quality 90.
+Rows: torchvision ImageFolder + PIL; FFCV with JPEG storage (stock and scaled decoder); FFCV with ffcv-imagenet's
+storage (max side 256, half raw); all raw at 256; the DeiT augmentations on top; and the raw decode bound
+(libjpeg-turbo alone, one core, times the workers). Epoch 0 (numba compile, worker start) is not timed.
+"""
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png",
+          "retina.jpg", "rocket.jpg")
+
+
+def make_photos(root: str | Path, n: int, classes: int = 10, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
+    """n JPEGs (q90) in root/<class>/: random crops (30-100% of the area, 4:3 or 3:4) of the sample photographs,
+    rescaled to `size` (or its transpose), randomly mirrored."""
+    import skimage
+    data_dir = Path(skimage.data.__file__).parent
+    sources = [Image.open(data_dir / p).convert("RGB") for p in PHOTOS]
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for k in range(n):
+        src = sources[k % len(sources)]
+        w, h = size if rng.random() < 0.75 else size[::-1]
+        crop = rng.uniform(0.3, 1.0) ** 0.5 * min(src.width / w, src.height / h)
+        cw, ch = int(w * crop), int(h * crop)
+        x, y = rng.integers(0, src.width - cw + 1), rng.integers(0, src.height - ch + 1)
+        img = src.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        (root / f"c{k % classes:02d}").mkdir(parents=True, exist_ok=True)
+        img.save(root / f"c{k % classes:02d}" / f"img{k:05d}.jpg", quality=90)
+    return root
+
+
+def decode_bound(root: Path, workers: int) -> float:
+    """Images/s of libjpeg-turbo (FFCV's imdecode) decoding the files at full size on one core, times workers."""
+    from ffcv.libffcv import imdecode
+    files = [np.fromfile(p, np.uint8) for p in sorted(root.rglob("*.jpg"))]
+    sizes = [Image.open(p).size for p in sorted(root.rglob("*.jpg"))]
+    out = np.empty(max(w * h for w, h in sizes) * 3, np.uint8)
+    start = time.perf_counter()
+    for data, (w, h) in zip(files, sizes):
+        imdecode(data, out, h, w, h, w, 0, 0, 1, 1, False, False)
+    return workers * len(files) / (time.perf_counter() - start)
+
+
+def loader_rate(train, epochs: int) -> float:
+    """Images/s over epochs 1..epochs (epoch 0 warms up: numba compile, worker start, page cache)."""
+    n, start = 0, None
+    for epoch in range(epochs + 1):
+        train.set_epoch(epoch)
+        for images, _ in train:
+            n += len(images) if start is not None else 0
+        start = start or time.perf_counter()
+    return n / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from timm_optdnn.data import create_loaders, write_beton
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs (after one warm-up epoch)")
+    p.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed at the end)")
+    a = p.parse_args(argv)
+    work = Path(a.dir or tempfile.mkdtemp(prefix="optdnn-bench-"))
+    try:
+        folder = work / "train"
+        if not folder.exists():
+            make_photos(folder, a.images)
+        jpeg_mib = sum(f.stat().st_size for f in folder.rglob("*.jpg")) / 2**20
+        storage = {"jpg": dict(compress_prob=1.0), "jpg256": dict(max_side=256, compress_prob=1.0),
+                   "mix256": dict(max_side=256, compress_prob=0.5), "raw256": dict(max_side=256, compress_prob=0.0)}
+        betons = {}
+        for name, kw in storage.items():
+            betons[name] = work / f"{name}.beton"
+            if not betons[name].exists():
+                write_beton(str(folder), betons[name], workers=a.workers, **kw)
+        common = dict(num_classes=10, batch_size=a.batch_size, num_workers=a.workers, img_size=224)
+        deit = dict(rand_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
+        rows = [("torchvision ImageFolder + PIL", None, dict(backend="torchvision")),
+                ("FFCV, JPEG storage, stock decoder", "jpg", dict(scaled_decode=False)),
+                ("FFCV, JPEG storage, scaled decoder", "jpg", {}),
+                ("FFCV, max side 256, JPEG", "jpg256", {}),
+                ("FFCV, max side 256, 50% raw (ffcv-imagenet)", "mix256", {}),
+                ("FFCV, max side 256, all raw", "raw256", {}),
+                ("FFCV, 256 50% raw + RandAugment m9", "mix256", dict(rand_augment=deit["rand_augment"])),
+                ("FFCV, 256 50% raw + RA + RE + Mixup/CutMix + LS", "mix256", deit),
+                ("torchvision + RA + RE + Mixup/CutMix + LS", None, dict(backend="torchvision", **deit))]
+        results = []
+        for label, beton, kw in rows:
+            path = str(folder) if beton is None else str(betons[beton])
+            train, _ = create_loaders(path, path, **common, **kw)
+            size = jpeg_mib if beton is None else betons[beton].stat().st_size / 2**20
+            results.append((label, size, loader_rate(train, a.epochs)))
+            print(f"{label}: {results[-1][2]:.0f} img/s", flush=True)
+            del train
+        bound = decode_bound(folder, a.workers)
+        base = results[0][2]
+        print(f"\n{a.images} photos of 500x375 (JPEG q90), 224 px random-resized-crop + flip, batch {a.batch_size}, "
+              f"{a.workers} workers, {a.epochs} timed epochs\n")
+        print("| pipeline | disk MiB | img/s | x torchvision | x decode bound |")
+        print("|---|---:|---:|---:|---:|")
+        for label, size, rate in results:
+            print(f"| {label} | {size:.1f} | {rate:.0f} | {rate / base:.2f} | {rate / bound:.2f} |")
+        print(f"| libjpeg-turbo full-size decode alone, 1 core x {a.workers} | {jpeg_mib:.1f} | {bound:.0f} | "
+              f"{bound / base:.2f} | 1.00 |")
+    finally:
+        if a.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
