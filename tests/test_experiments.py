@@ -90,6 +90,6 @@ def test_bad_command_line_and_budget(tmp_path, capsys):
     with pytest.raises(ValueError, match="bits"):
         parity.parity(0, seed=0)
     configs = common.grid(dict(width=2), seeds=(0,))
-    with pytest.raises(SystemExit, match="time budget of 0s used up after 0/4 runs"):
+    with pytest.raises(SystemExit, match="time budget of 0 CPU s used up after 0/4 runs"):
         common.run_grid("over", tmp_path, configs, lambda cfg: ({}, None), budget_s=0)
     assert (tmp_path / "over.csv").exists()

@@ -16,8 +16,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import matplotlib.pyplot as plt
 import torch
 
-from .common import (COLORS, SEEDS, Config, Metrics, build, first_seed, grid, logistic_loss, model_info, parse_args,
-                     run_grid, save_figure, train)
+from .common import (COLORS, SEEDS, Config, Metrics, build, experiment, first_seed, grid, logistic_loss, model_info,
+                      train)
 
 NAME = "parity"
 FULL = dict(bits=12, train_frac=0.25, width=4, hidden=4, depth=8, steps=2000, batch=256, lr=1e-2)
@@ -50,7 +50,7 @@ def run(cfg: Config) -> Tuple[Metrics, Any]:
 
 def plot(configs: List[Config], artefacts: List[Any], rows: List[dict]) -> plt.Figure:
     bits = configs[0]["bits"]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(8, 3.6))
     k = range(bits + 1)
     ax.plot(k, [float(i % 2 == 0) for i in k], "k--", lw=1, label="target")
     for scheme, curve in first_seed(configs, artefacts).items():
@@ -59,16 +59,13 @@ def plot(configs: List[Config], artefacts: List[Any], rows: List[dict]) -> plt.F
     ax.set_xlabel("number of -1 bits (held-out inputs)")
     ax.set_ylabel("mean predicted P(even)")
     ax.set_title(f"parity of {bits} bits, width {configs[0]['width']}, depth {configs[0]['depth']} (seed {configs[0]['seed']})")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return fig
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
-    args = parse_args(__doc__, NAME, argv)
-    configs = grid(QUICK if args.quick else FULL, SEEDS[:1] if args.quick else SEEDS)
-    rows, artefacts = run_grid(NAME, args.out, configs, run, BUDGET_S["quick" if args.quick else "full"])
-    save_figure(plot(configs, artefacts, rows), args.out, NAME)
-    return rows
+    return experiment(NAME, __doc__, argv, lambda quick: grid(QUICK, SEEDS[:1]) if quick else grid(FULL, SEEDS),
+                      run, plot, BUDGET_S)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import matplotlib.pyplot as plt
 import torch
 
-from .common import (COLORS, SEEDS, Config, Metrics, build, first_seed, grid, logistic_loss, model_info, parse_args,
-                     run_grid, save_figure, train)
+from .common import (COLORS, SEEDS, Config, Metrics, build, experiment, first_seed, grid, logistic_loss, model_info,
+                      train)
 
 NAME = "rings"
 BANDS = ((0.0, 0.5, 1.0), (0.9, 1.4, -1.0), (1.8, 2.3, 1.0))  # (r_min, r_max, label)
@@ -72,11 +72,8 @@ def plot(configs: List[Config], artefacts: List[Any], rows: List[dict]) -> plt.F
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
-    args = parse_args(__doc__, NAME, argv)
-    configs = grid(QUICK if args.quick else FULL, SEEDS[:1] if args.quick else SEEDS)
-    rows, artefacts = run_grid(NAME, args.out, configs, run, BUDGET_S["quick" if args.quick else "full"])
-    save_figure(plot(configs, artefacts, rows), args.out, NAME)
-    return rows
+    return experiment(NAME, __doc__, argv, lambda quick: grid(QUICK, SEEDS[:1]) if quick else grid(FULL, SEEDS),
+                      run, plot, BUDGET_S)
 
 
 if __name__ == "__main__":
