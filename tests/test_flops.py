@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+from timm_optdnn.benchmark import Pair, format_table, measure_rss
+from timm_optdnn.benchmark import main as bench_main
 from timm_optdnn.flops import PUBLISHED, build, count, main, profile
 
 pytestmark = pytest.mark.timeout(120)
@@ -113,3 +115,36 @@ def test_console_entry_point():
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("| model | img |") and "| optdnn_apg2_convnext_iso_s | 64 |" in r.stdout
     assert "fvcore could not count" not in r.stderr
+
+
+# --- the benchmark script: smoke runs at toy size (its numbers are for docs/models.md, not tests) ---
+
+def test_saved_bytes_counts_activations_not_weights():
+    # every saved activation is per-image, so twice the batch saves twice the bytes
+    small, large = Pair("optdnn_apg2_vit_ti", 2, 32), Pair("optdnn_apg2_vit_ti", 4, 32)
+    assert large.saved_bytes() == pytest.approx(2 * small.saved_bytes(), rel=0.01)
+    assert small.saved_bytes() < sum(p.numel() * 4 for p in small.model.parameters())
+
+
+def test_benchmark_cli_smoke(capsys):
+    bench_main(["vit_ti", "--img-size", "32", "--batch-size", "2", "--repeats", "2", "--steps", "1",
+                "--threads", "1", "--no-rss", "--format", "json"])
+    gd, apg2 = json.loads(capsys.readouterr().out)
+    assert (gd["model"], apg2["model"]) == ("optdnn_gd_vit_ti", "optdnn_apg2_vit_ti")
+    assert all(r["infer_img_s"] > 0 and r["train_img_s"] > 0 and r["saved_mb"] > 0 for r in (gd, apg2))
+    table = format_table([gd, apg2]).splitlines()
+    assert table[2].startswith("| optdnn_gd_vit_ti |") and table[4].startswith("| **apg2 / gd** |")
+    assert f"**{apg2['saved_mb'] / gd['saved_mb']:.3f}**" in table[4]
+
+
+def test_benchmark_rss_probe_subprocess():
+    assert 0 < measure_rss("optdnn_gd_vit_ti", 2, 32, 1) < 1024
+
+
+@pytest.mark.parametrize("args, message", [(["vit_xl"], "unknown model size(s) ['vit_xl']"),
+                                           (["--batch-size", "0"], "--batch-size must be >= 1"),
+                                           (["--repeats", "0"], "--repeats must be >= 1")])
+def test_benchmark_bad_inputs(capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        bench_main(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -1,0 +1,208 @@
+"""Speed and memory of each OptDNN-APG2 model next to its GD twin (the plain baseline), on CPU.
+
+    python -m timm_optdnn.benchmark vit_ti vit_s convnext_iso_s --batch-size 32 --img-size 224
+
+In the spirit of timm's benchmark.py: inference img/s (eval, inference_mode) and train-step img/s
+(forward, cross-entropy, backward, SGD step, as timm does), for the pair side by side in one
+process. The machine may be shared, so the two models are measured interleaved, in alternating
+order, `--repeats` times, and the median (and min-max) is reported with the ratio APG2 / GD.
+
+Memory, measured two ways because CPU has no max_memory_allocated():
+- saved: the bytes autograd keeps for backward during a training forward pass (unique storages
+  seen by `torch.autograd.graph.saved_tensors_hooks`, parameters excluded). This is what the
+  scheme changes, and it is exact and noise-free.
+- peak RSS: a fresh subprocess per model builds it, takes two train steps, and reports its peak
+  resident memory (ru_maxrss) minus its RSS just before the first step: activations, grads, SGD
+  momentum, allocator and oneDNN scratch, all included.
+"""
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+
+from .flops import PUBLISHED, build
+
+MB = 2 ** 20
+
+
+class Pair:
+    """One model and what a train step needs; `name` is a registered optdnn_* model."""
+
+    def __init__(self, name: str, batch_size: int, img_size: int):
+        torch.manual_seed(0)
+        self.name = name
+        self.model = build(name, img_size)
+        self.optimizer = create_optimizer_v2(self.model, "sgd", lr=1e-4)  # timm's benchmark.py optimizer
+        self.x = torch.randn(batch_size, 3, img_size, img_size)
+        self.y = torch.randint(self.model.num_classes, (batch_size,))
+
+    def infer(self) -> None:
+        self.model.eval()
+        with torch.inference_mode():
+            self.model(self.x)
+
+    def train_step(self) -> None:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(self.model(self.x), self.y).backward()
+        self.optimizer.step()
+
+    def saved_bytes(self) -> int:
+        """Bytes autograd saves for backward in one training forward (parameters excluded)."""
+        params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        saved: Dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            s = t.untyped_storage()
+            if s.data_ptr() not in params:
+                saved[s.data_ptr()] = s.nbytes()  # views of one storage count once
+            return t
+
+        self.model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = F.cross_entropy(self.model(self.x), self.y)
+        del loss  # frees the graph; nothing else to run
+        return sum(saved.values())
+
+
+def images_per_second(fn: Callable[[], None], steps: int, batch_size: int) -> Tuple[float, float]:
+    """(img per wall second, img per CPU second of this process, all threads together)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        fn()
+    return steps * batch_size / (time.perf_counter() - wall), steps * batch_size / (time.process_time() - cpu)
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def probe_rss(name: str, batch_size: int, img_size: int) -> None:
+    """(Run in a fresh process.) Print the peak RSS growth of two train steps, in MiB, as JSON."""
+    pair = Pair(name, batch_size, img_size)
+    # a 1-image step first: it maps the kernels' code pages (hundreds of MB for oneDNN convs) and
+    # warms the allocator; then drop its grads and momentum so the measured steps allocate their own
+    x, y = pair.x, pair.y
+    pair.x, pair.y = x[:1], y[:1]
+    pair.train_step()
+    pair.x, pair.y = x, y
+    pair.optimizer.zero_grad(set_to_none=True)
+    pair.optimizer.state.clear()
+    before = rss_kib()
+    for _ in range(2):  # the second step also holds SGD momentum buffers
+        pair.train_step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps(dict(before_mb=before / 1024, peak_mb=peak / 1024, step_mb=(peak - before) / 1024)))
+
+
+def measure_rss(name: str, batch_size: int, img_size: int, threads: int) -> float:
+    cmd = [sys.executable, "-m", "timm_optdnn.benchmark", "--probe-rss", name, "--batch-size", str(batch_size),
+           "--img-size", str(img_size), "--threads", str(threads)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"RSS probe of {name} failed:\n{r.stderr}")
+    return json.loads(r.stdout.splitlines()[-1])["step_mb"]
+
+
+def benchmark(size: str, batch_size: int = 32, img_size: int = 224, repeats: int = 5, steps: int = 3,
+              threads: int = 2, rss: bool = True, log: Callable[[str], None] = lambda s: None) -> List[Dict]:
+    """Measure optdnn_gd_{size} and optdnn_apg2_{size} interleaved; one result dict per model."""
+    pairs = [Pair(f"optdnn_{scheme}_{size}", batch_size, img_size) for scheme in ("gd", "apg2")]
+    for p in pairs:  # warm-up: oneDNN primitive caches, allocator pools
+        p.infer()
+        p.train_step()
+    runs: Dict[str, Dict[str, List[float]]] = {p.name: {} for p in pairs}
+    for r in range(repeats):
+        order = pairs if r % 2 == 0 else pairs[::-1]  # cancels drift in the machine's load
+        for mode in ("infer", "train"):
+            for p in order:
+                wall, cpu = images_per_second(p.infer if mode == "infer" else p.train_step, steps, batch_size)
+                runs[p.name].setdefault(f"{mode}_img_s", []).append(wall)
+                runs[p.name].setdefault(f"{mode}_img_cpu_s", []).append(cpu)
+        log(f"{size} repeat {r + 1}/{repeats}: " + ", ".join(f"{p.name} " + " ".join(
+            f"{k} {v[-1]:.2f}" for k, v in runs[p.name].items()) for p in pairs))
+    results = []
+    for p in pairs:
+        results.append(dict(
+            model=p.name, batch_size=batch_size, img_size=img_size, threads=threads, repeats=repeats, steps=steps,
+            **{k: statistics.median(v) for k, v in runs[p.name].items()},
+            **{f"{k}_range": (min(v), max(v)) for k, v in runs[p.name].items()},
+            saved_mb=p.saved_bytes() / MB,
+            params_mb=sum(q.numel() * q.element_size() for q in p.model.parameters()) / MB,
+            rss_step_mb=measure_rss(p.name, batch_size, img_size, threads) if rss else None))
+    return results
+
+
+def ratio(gd: Dict, apg2: Dict, key: str) -> Optional[float]:
+    return apg2[key] / gd[key] if gd[key] and apg2[key] is not None else None
+
+
+COLUMNS = {  # result key -> table header
+    "infer_img_s": "infer img/s", "infer_img_cpu_s": "infer img/CPU-s",
+    "train_img_s": "train img/s", "train_img_cpu_s": "train img/CPU-s",
+    "saved_mb": "saved for backward (MB)", "rss_step_mb": "train-step peak RSS growth (MB)",
+}
+
+
+def format_table(results: Sequence[Dict]) -> str:
+    """Markdown: GD row, APG2 row, then the APG2 / GD ratio, per pair; speeds as median (min-max)."""
+    def cell(r: Dict, key: str) -> str:
+        if r[key] is None:
+            return "-"
+        lo_hi = r.get(f"{key}_range")
+        return f"{r[key]:.2f} ({lo_hi[0]:.2f}-{lo_hi[1]:.2f})" if lo_hi else f"{r[key]:.1f}"
+
+    lines = ["| model | " + " | ".join(COLUMNS.values()) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    for gd, apg2 in zip(results[::2], results[1::2]):
+        lines += [f"| {r['model']} | " + " | ".join(cell(r, k) for k in COLUMNS) + " |" for r in (gd, apg2)]
+        ratios = [ratio(gd, apg2, k) for k in COLUMNS]
+        lines.append("| **apg2 / gd** | " + " | ".join("-" if v is None else f"**{v:.3f}**" for v in ratios) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="optdnn-benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sizes", nargs="*", default=["vit_ti", "vit_s", "convnext_iso_s"],
+                        help=f"model sizes, each run as optdnn_gd_<size> vs optdnn_apg2_<size>: {', '.join(PUBLISHED)}")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved APG2/GD rounds; the median is reported")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.add_argument("--probe-rss", metavar="MODEL", help=argparse.SUPPRESS)  # the RSS subprocess
+    args = parser.parse_args(argv)
+    for flag in ("batch_size", "img_size", "repeats", "steps", "threads"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    unknown = [s for s in args.sizes if s not in PUBLISHED]
+    if unknown:
+        parser.error(f"unknown model size(s) {unknown}; choose from {list(PUBLISHED)}")
+    torch.set_num_threads(args.threads)
+    if args.probe_rss:
+        return probe_rss(args.probe_rss, args.batch_size, args.img_size)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731  progress, off the table's stdout
+    log(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size} at {args.img_size} px, "
+        f"{args.repeats} x {args.steps} steps, load average {open('/proc/loadavg').read().split()[:3]}")
+    try:
+        results = [r for size in args.sizes for r in benchmark(size, args.batch_size, args.img_size, args.repeats,
+                                                               args.steps, args.threads, not args.no_rss, log)]
+    except ValueError as e:
+        parser.error(str(e))
+    print(json.dumps(results, indent=1) if args.format == "json" else format_table(results))
+    log(f"load average at the end {open('/proc/loadavg').read().split()[:3]}")
+
+
+if __name__ == "__main__":
+    main()
