@@ -165,7 +165,7 @@ def test_train_augment_and_progressive_resizing(fmnist):
                               res_schedule=(16, 28, 0, 3), rand_augment="rand-m9-mstd0.5-inc1", re_prob=0.5,
                               mixup=0.8, cutmix=1.0, label_smoothing=0.1)
     assert train.soft_targets
-    for epoch, res in [(0, 16), (1, 20), (3, 28)]:
+    for epoch, res in [(0, 16), (3, 28)]:  # each new size recompiles the pipeline (seconds): two are enough
         assert resolution(epoch, 16, 28, 0, 3) == res
         train.set_epoch(epoch, skip=len(train) - 1)
         (x, y), = list(train)

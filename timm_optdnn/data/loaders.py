@@ -7,8 +7,9 @@
         train.set_epoch(epoch, skip=batches_done if epoch == start_epoch else 0)
         for images, targets in train: ...
 
-FFCV pipeline order matters: [decoder, flip, ToTensor, ToTorchImage] is used (DESIGN.md: some orders hang the
-Loader at init); normalisation and the augmentations FFCV lacks run on the uint8 batch afterwards (augment.py).
+FFCV pipeline order matters: [decoder, flip, NormalizeImage, ToTensor, ToTorchImage] (or without NormalizeImage when
+RandAugment needs uint8 images) is used; DESIGN.md: some orders hang the Loader at init. The augmentations FFCV lacks
+run on the batch afterwards (augment.py).
 """
 import json
 import math
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 
-from .augment import BatchAugment, Targets, normalize
+from .augment import BatchAugment, Targets
 from .write import META_FORMAT, file_sha256, meta_path
 
 VERIFY_MAX_BYTES = 4 << 30  # betons up to 4 GiB are sha256-checked at load (a few s); bigger ones by size + structure
@@ -111,7 +112,7 @@ class FFCVTrainLoader(_Loader):
         from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
         from .decoders import ScaledRandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
+        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor
         orders = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
                   "sequential": OrderOption.SEQUENTIAL}
         if order not in orders:
@@ -123,7 +124,7 @@ class FFCVTrainLoader(_Loader):
         flip = [RandomHorizontalFlip(hflip)] if hflip > 0 else []
         self.loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
                              order=orders[order], distributed=distributed, seed=seed, drop_last=drop_last,
-                             pipelines={"image": [self.decoder, *flip, ToTensor(), ToTorchImage()],
+                             pipelines={"image": [self.decoder, *flip, *augment.ffcv_ops()],
                                         "label": [IntDecoder(), ToTensor(), Squeeze()]},
 )
         super().__init__(len(self.loader), img_size, res_schedule, targets)
@@ -149,15 +150,14 @@ class FFCVValLoader:
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
         from .decoders import ScaledCenterCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
+        from ffcv.transforms import Squeeze, ToTensor
         rank, world = _rank_world(distributed)
+        self.norm = BatchAugment(None, 0.0, mean, std, device, channels_last)
         decoder = ScaledCenterCropRGBImageDecoder if scaled_decode else CenterCropRGBImageDecoder
         self.loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
                              order=OrderOption.SEQUENTIAL, indices=np.arange(rank, num_samples, world), drop_last=False,
-                             pipelines={"image": [decoder((img_size, img_size), ratio=crop_pct),
-                                                  ToTensor(), ToTorchImage()],
+                             pipelines={"image": [decoder((img_size, img_size), ratio=crop_pct), *self.norm.ffcv_ops()],
                                         "label": [IntDecoder(), ToTensor(), Squeeze()]})
-        self.norm = BatchAugment(None, 0.0, mean, std, device, channels_last)
 
     def __len__(self) -> int:
         return len(self.loader)
