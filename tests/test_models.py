@@ -95,6 +95,45 @@ def test_scheme_matches_hand_written_loop(scheme):
     torch.testing.assert_close(blocks(x), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("scheme", ["hb", "nag", "apg2"])
+def test_scheme_gradients_match_hand_written_loop(scheme):
+    """apg2 rebuilds F(y) in backward instead of saving it: gradients must still be autograd's."""
+    branches = [Lin(k).double() for k in range(5)]
+    blocks = SchemeBlocks(copy.deepcopy(branches), scheme=scheme).double()
+    with torch.no_grad():
+        blocks.coef.copy_(torch.tensor([1.0, 0.7, 0.45, 0.3, 0.6]))
+    coef = blocks.coef.detach().clone().requires_grad_(True)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    blocks(x).sin().sum().backward()
+    hand_loop(scheme, branches, coef, x).sin().sum().backward()
+    torch.testing.assert_close(blocks.coef.grad, coef.grad, rtol=1e-10, atol=1e-12)
+    mine = [p for n, p in blocks.named_parameters() if n != "coef"]
+    for p, ref in zip(mine, [p for b in branches for p in b.parameters()], strict=True):
+        torch.testing.assert_close(p.grad, ref.grad, rtol=1e-10, atol=1e-12)
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum().backward()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext"])
+def test_apg2_keeps_at_most_one_extra_tensor_per_block_for_backward(family):
+    x = torch.randn(4, 3, 32, 32)
+    gd, apg2 = tiny(family, scheme="gd").train(), tiny(family).train()
+    state = apg2.blocks[0](apg2.stem(x) if family == "convnext" else apg2._pos_embed(apg2.patch_embed(x)))
+    extra = saved_bytes(apg2, x) - saved_bytes(gd, x)
+    depth = len(apg2.blocks)
+    assert 0 < extra <= depth * state.numel() * 4 + 64 * depth  # d_k per block (+ the scalars t_k)
+
+
 def test_initial_coefficients_follow_the_algorithms():
     torch.testing.assert_close(init_coefficients("apg2", 4), torch.tensor([1.0, 2 / 3, 0.5, 0.4]))
     torch.testing.assert_close(init_coefficients("nag", 4), torch.tensor([0.0, 0.0, 0.25, 0.4]))

@@ -16,6 +16,7 @@ from typing import List, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.utils.checkpoint import checkpoint
 from timm.layers import calculate_drop_path_rates, drop_path
 
@@ -30,6 +31,39 @@ def init_coefficients(scheme: str, depth: int) -> torch.Tensor:
     if scheme in ("hb", "nag"):
         return ((k - 1.0) / (k + 2.0)).clamp(min=0.0)
     raise ValueError(f"scheme {scheme!r} has no coefficients; choose one of {SCHEMES}")
+
+
+def apg2_step(y: torch.Tensor, fy: torch.Tensor, d: torch.Tensor, t0: torch.Tensor,
+              t1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One apg2 iteration in the state (y_k, d_k = z_k - x_k), prox = identity:
+    x' = y + F(y), z' = z + F(y)/t0  =>  d' = (1 - t0)(d + F(y)/t0),  y' = x' + t1 d'."""
+    d1 = (1 - t0) * (d + fy / t0)
+    return (y + fy) + t1 * d1, d1
+
+
+class Apg2Step(torch.autograd.Function):
+    """`apg2_step` that saves one tensor (d_k) for backward instead of three.
+
+    F(y_k) is rebuilt in backward from y_k and y_{k+1}, which the branches save anyway (their first
+    layer keeps its input):  y' - y = F + t1 (1 - t0)(d + F/t0)  =>  F = (y' - y - t1 (1-t0) d) / (1 + t1 (1-t0)/t0),
+    a division by a number >= 1 for t in (0, 1]. The coefficients' gradients then differ from plain
+    autograd by float rounding only; all other gradients are exact.
+    """
+
+    @staticmethod
+    def forward(ctx, y, fy, d, t0, t1):
+        y1, d1 = apg2_step(y, fy, d, t0, t1)
+        ctx.save_for_backward(y, y1, d, t0, t1)
+        return y1, d1
+
+    @staticmethod
+    def backward(ctx, g_y1, g_d1):
+        y, y1, d, t0, t1 = ctx.saved_tensors
+        fy = (y1 - y - t1 * (1 - t0) * d) / (1 + t1 * (1 - t0) / t0)
+        d1 = (1 - t0) * (d + fy / t0)
+        g_d1 = g_d1 + t1 * g_y1  # d' reaches the loss directly and through y'
+        g_t0 = -(g_d1 * (d + fy / (t0 * t0))).sum()
+        return g_y1, g_y1 + g_d1 * ((1 - t0) / t0), g_d1 * (1 - t0), g_t0, (g_y1 * d1).sum()
 
 
 class SchemeBlocks(nn.ModuleList):
@@ -61,32 +95,45 @@ class SchemeBlocks(nn.ModuleList):
 
     def run(self, x: torch.Tensor, keep: List[int], stop: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Iterate blocks 0..stop-1 from x_0 = z_0 = x_{-1} = x; also return x_{k+1} for k in keep."""
-        prev = x  # x_{k-1} for hb/nag, z_k for apg2
+        prev = x  # hb/nag: x_{k-1}
+        y = x  # where the branch is evaluated; apg2 carries it (and d = z - x) from step to step
+        d = torch.zeros_like(x) if self.scheme == "apg2" else x
         kept: List[torch.Tensor] = []
         for k, f in enumerate(self):
             if k < stop:  # TorchScript unrolls this loop and allows no `break`
-                c = self.coef[k] if self.scheme != "gd" else None
-                y = x  # where the branch is evaluated
-                if c is not None and self.scheme == "nag":
-                    y = x + c * (x - prev)
-                elif c is not None and self.scheme == "apg2":
-                    y = x + c * (prev - x)
+                if self.scheme == "nag":
+                    y = x + self.coef[k] * (x - prev)
+                elif self.scheme != "apg2":
+                    y = x
                 if self.grad_checkpointing and not torch.jit.is_scripting():
                     fy = checkpoint(f, y, use_reentrant=False)
                 else:
                     fy = f(y)
                 fy = drop_path(fy, self.drop_path_rates[k], self.training)
-                if c is None:
+                if self.scheme == "gd":
                     x = x + fy
                 elif self.scheme == "hb":
-                    x, prev = x + fy + c * (x - prev), x
+                    x, prev = x + fy + self.coef[k] * (x - prev), x
                 elif self.scheme == "nag":
                     x, prev = y + fy, x
                 else:
-                    x, prev = y + fy, prev + fy / c
+                    if k in keep or k + 1 == stop:
+                        x = y + fy  # x_{k+1}; only materialised where it is returned
+                    if k + 1 < stop:
+                        if torch.jit.is_scripting():
+                            y, d = apg2_step(y, fy, d, self.coef[k], self.coef[k + 1])
+                        else:
+                            y, d = self.apg2_step_lean(y, fy, d, self.coef[k], self.coef[k + 1])
                 if k in keep:
                     kept.append(x)
         return x, kept
+
+    @torch.jit.unused
+    def apg2_step_lean(self, y: torch.Tensor, fy: torch.Tensor, d: torch.Tensor, t0: torch.Tensor,
+                       t1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if is_fx_symbolic_tracing():  # fx cannot trace into an autograd.Function
+            return apg2_step(y, fy, d, t0, t1)
+        return Apg2Step.apply(y, fy, d, t0, t1)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
