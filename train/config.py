@@ -177,6 +177,12 @@ def _check_types(cfg: TrainConfig) -> None:
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        if isinstance(value, str) and _matches(1.0, hints[f.name]):  # YAML 1.1 reads `1e-3` as a string
+            try:
+                value = float(value)
+                setattr(cfg, f.name, value)
+            except ValueError:
+                pass
         if not _matches(value, hints[f.name]):
             raise ConfigError(f"{f.name}={value!r} ({type(value).__name__}) is not a valid {hints[f.name]}")
         if hints[f.name] is float or float in typing.get_args(hints[f.name]):

@@ -144,7 +144,7 @@ class Checkpointer:
         load_path, client_state = engine.load_checkpoint(str(path), tag=tag)
         if load_path is None:
             raise RuntimeError(f"could not load checkpoint {tag} from {path}")
-        rng_file = Path(load_path) / f"rng_rank{self.rank}.pt"
+        rng_file = path / tag / f"rng_rank{self.rank}.pt"
         if not rng_file.is_file():
             raise RuntimeError(f"{rng_file} missing: checkpoint was written by a different world size?")
         set_rng_state(torch.load(rng_file, weights_only=False))
