@@ -153,20 +153,25 @@ COLUMNS = {  # result key -> table header
 }
 
 
-def format_table(results: Sequence[Dict]) -> str:
-    """Markdown: GD row, APG2 row, then the APG2 / GD ratio, per pair; speeds as median (min-max)."""
+def format_rows(gd: Dict, apg2: Dict) -> str:
+    """Markdown rows: GD, APG2, then the APG2 / GD ratio; speeds as median (min-max)."""
     def cell(r: Dict, key: str) -> str:
         if r[key] is None:
             return "-"
         lo_hi = r.get(f"{key}_range")
         return f"{r[key]:.2f} ({lo_hi[0]:.2f}-{lo_hi[1]:.2f})" if lo_hi else f"{r[key]:.1f}"
 
-    lines = ["| model | " + " | ".join(COLUMNS.values()) + " |", "|---|" + "---:|" * len(COLUMNS)]
-    for gd, apg2 in zip(results[::2], results[1::2]):
-        lines += [f"| {r['model']} | " + " | ".join(cell(r, k) for k in COLUMNS) + " |" for r in (gd, apg2)]
-        ratios = [ratio(gd, apg2, k) for k in COLUMNS]
-        lines.append("| **apg2 / gd** | " + " | ".join("-" if v is None else f"**{v:.3f}**" for v in ratios) + " |")
+    lines = [f"| {r['model']} | " + " | ".join(cell(r, k) for k in COLUMNS) + " |" for r in (gd, apg2)]
+    ratios = [ratio(gd, apg2, k) for k in COLUMNS]
+    lines.append("| **apg2 / gd** | " + " | ".join("-" if v is None else f"**{v:.3f}**" for v in ratios) + " |")
     return "\n".join(lines)
+
+
+TABLE_HEADER = "| model | " + " | ".join(COLUMNS.values()) + " |\n|---|" + "---:|" * len(COLUMNS)
+
+
+def format_table(results: Sequence[Dict]) -> str:
+    return "\n".join([TABLE_HEADER] + [format_rows(gd, apg2) for gd, apg2 in zip(results[::2], results[1::2])])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -195,12 +200,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731  progress, off the table's stdout
     log(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size} at {args.img_size} px, "
         f"{args.repeats} x {args.steps} steps, load average {open('/proc/loadavg').read().split()[:3]}")
-    try:
-        results = [r for size in args.sizes for r in benchmark(size, args.batch_size, args.img_size, args.repeats,
-                                                               args.steps, args.threads, not args.no_rss, log)]
-    except ValueError as e:
-        parser.error(str(e))
-    print(json.dumps(results, indent=1) if args.format == "json" else format_table(results))
+    if args.format == "table":  # one pair at a time: a long run shows what it has measured so far
+        print(TABLE_HEADER, flush=True)
+    results = []
+    for size in args.sizes:
+        gd, apg2 = benchmark(size, args.batch_size, args.img_size, args.repeats, args.steps, args.threads,
+                             not args.no_rss, log)
+        results += [gd, apg2]
+        if args.format == "table":
+            print(format_rows(gd, apg2), flush=True)
+    if args.format == "json":
+        print(json.dumps(results, indent=1))
     log(f"load average at the end {open('/proc/loadavg').read().split()[:3]}")
 
 

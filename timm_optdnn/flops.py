@@ -25,6 +25,7 @@ from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import elementwise_flop_counter, get_shape
 
 import timm_optdnn  # noqa: F401  (registers the optdnn_* models)
+from timm_optdnn.models.schemes import SCHEMES
 
 # DESIGN.md sec. 2: the equal-width baselines each GD twin must reproduce, as published
 # (params in M, GFLOPs at 224). DeiT-Ti is published as 1.3 GFLOPs; 1.26 is its unrounded value.
@@ -66,10 +67,13 @@ class FlopCount(NamedTuple):
 
     def baseline(self) -> Optional[Tuple[str, float, float]]:
         """(name, params M, GFLOPs) of the published baseline this optdnn_* model reproduces, if any."""
-        for scheme in ("gd", "apg2", "hb", "nag"):
-            if self.model.startswith(f"optdnn_{scheme}_"):
-                return PUBLISHED.get(self.model[len(f"optdnn_{scheme}_"):])
-        return None
+        return PUBLISHED.get(split_name(self.model)[1])
+
+
+def split_name(name: str) -> Tuple[str, str]:
+    """'optdnn_apg2_vit_s' -> ('apg2', 'vit_s'); ('', name) for other models."""
+    scheme, _, size = name.removeprefix("optdnn_").partition("_")
+    return (scheme, size) if name.startswith("optdnn_") and scheme in SCHEMES else ("", name)
 
 
 def build(name: str, img_size: int = 224, **create_kwargs: Any) -> nn.Module:
@@ -118,9 +122,12 @@ def count(model_or_name: Union[str, nn.Module], img_size: int = 224, **create_kw
 
 
 def default_models() -> List[str]:
-    """Every registered optdnn_* model, each baseline's GD twin first, then its other schemes."""
-    order = {f"optdnn_{s}_{k}": (i, j) for i, k in enumerate(PUBLISHED) for j, s in enumerate(("gd", "apg2"))}
-    return sorted(timm.list_models("optdnn_*"), key=lambda n: order.get(n, (len(order), n)))
+    """Every registered optdnn_* model: the published sizes first, each GD twin before its APG2 model."""
+    def key(name: str) -> Tuple[int, str, int]:
+        scheme, size = split_name(name)
+        rank = list(PUBLISHED).index(size) if size in PUBLISHED else len(PUBLISHED)
+        return rank, size, SCHEMES.index(scheme) if scheme else len(SCHEMES)
+    return sorted(timm.list_models("optdnn_*"), key=key)
 
 
 def _rows(counts: Sequence[FlopCount]) -> List[Dict[str, Any]]:
