@@ -9,6 +9,8 @@ storage (max side 256, half raw); all raw at 256; the DeiT augmentations on top;
 (libjpeg-turbo alone, one core, times the workers). Epoch 0 (numba compile, worker start) is not timed.
 """
 import argparse
+import json
+import os
 import shutil
 import tempfile
 import time
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                 ("FFCV, 256 50% raw + RandAugment m9", "mix256", dict(rand_augment=deit["rand_augment"])),
                 ("FFCV, 256 50% raw + RA + RE + Mixup/CutMix + LS", "mix256", deit),
                 ("torchvision + RA + RE + Mixup/CutMix + LS", None, dict(backend="torchvision", **deit))]
+        load = os.getloadavg()[0]
         results = []
         for label, beton, kw in rows:
             path = str(folder) if beton is None else str(betons[beton])
@@ -110,7 +113,12 @@ def main(argv: list[str] | None = None) -> None:
         bound = decode_bound(folder, a.workers)
         base = results[0][2]
         print(f"\n{a.images} photos of 500x375 (JPEG q90), 224 px random-resized-crop + flip, batch {a.batch_size}, "
-              f"{a.workers} workers, {a.epochs} timed epochs\n")
+              f"{a.workers} workers, {a.epochs} timed epochs; {os.cpu_count()} CPUs, load average "
+              f"{load:.1f} at start, {os.getloadavg()[0]:.1f} at end\n")
+        for name, path in betons.items():
+            meta = json.loads(Path(f"{path}.meta.json").read_text())
+            print(f"write {name}: {meta['seconds']} s ({a.images / meta['seconds']:.0f} img/s incl. the decode check)")
+        print()
         print("| pipeline | disk MiB | img/s | x torchvision | x decode bound |")
         print("|---|---:|---:|---:|---:|")
         for label, size, rate in results:

@@ -110,9 +110,10 @@ class FFCVTrainLoader(_Loader):
     def __init__(self, path, *, batch_size, num_workers, img_size, res_schedule, scale, ratio, hflip, order,
                  distributed, seed, os_cache, drop_last, scaled_decode, augment: BatchAugment, targets: Targets):
         from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
-        from .decoders import ScaledRandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor
+
+        from .decoders import ScaledRandomResizedCropRGBImageDecoder
         orders = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
                   "sequential": OrderOption.SEQUENTIAL}
         if order not in orders:
@@ -125,8 +126,7 @@ class FFCVTrainLoader(_Loader):
         self.loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
                              order=orders[order], distributed=distributed, seed=seed, drop_last=drop_last,
                              pipelines={"image": [self.decoder, *flip, *augment.ffcv_ops()],
-                                        "label": [IntDecoder(), ToTensor(), Squeeze()]},
-)
+                                        "label": [IntDecoder(), ToTensor(), Squeeze()]})
         super().__init__(len(self.loader), img_size, res_schedule, targets)
         self.augment, self.batch_size, self.compiled_res = augment, batch_size, None
 
@@ -148,9 +148,10 @@ class FFCVValLoader:
     def __init__(self, path, *, batch_size, num_workers, img_size, crop_pct, distributed, os_cache, scaled_decode,
                  mean, std, device, channels_last, num_samples):
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
-        from .decoders import ScaledCenterCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import Squeeze, ToTensor
+
+        from .decoders import ScaledCenterCropRGBImageDecoder
         rank, world = _rank_world(distributed)
         self.norm = BatchAugment(None, 0.0, mean, std, device, channels_last)
         decoder = ScaledCenterCropRGBImageDecoder if scaled_decode else CenterCropRGBImageDecoder
