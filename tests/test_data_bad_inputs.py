@@ -1,8 +1,6 @@
 """Every bad input of the writer and the loaders: converted, skipped with a listing, or a clear error."""
 import gzip
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 
 from timm_optdnn.data import check_beton, create_loaders, write_beton  # noqa: E402
 from timm_optdnn.data.sources import load_rgb, read_fashion_mnist  # noqa: E402
+from timm_optdnn.data.write import main  # noqa: E402
 
 # (class, file, expected RGB after conversion) for the convertible images, in the beton's (sorted) order
 CONVERTIBLE = [("a", "cmyk.jpg", (200, 50, 30)), ("a", "gray.jpg", (100, 100, 100)), ("a", "rgba.png", (10, 200, 30)),
@@ -65,13 +64,17 @@ def test_convertible_written_undecodable_skipped(messy, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_strict_fails_and_lists(messy, tmp_path):
+def test_cli_strict_fails_and_lists(messy, tmp_path, capsys):
     out = tmp_path / "strict.beton"
-    r = subprocess.run([sys.executable, "-m", "timm_optdnn.data.write", str(messy), str(out), "--strict",
-                        "--workers", "1"], capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "--strict: 3 undecodable file(s)" in r.stderr
-    assert all(name in r.stderr for name in UNDECODABLE)  # the listing names every file
+    with pytest.raises(SystemExit, match="--strict: 3 undecodable file") as e:
+        main([str(messy), str(out), "--strict", "--workers", "1"])
+    assert str(e.value).startswith("error: ")  # a message and exit status 1, not a traceback
+    listing = capsys.readouterr().err
+    assert all(name in listing for name in UNDECODABLE)  # the listing names every file
     assert not out.exists() and list(tmp_path.iterdir()) == []
+    main([str(messy), str(out), "--workers", "1"])
+    printed = capsys.readouterr().out  # without --strict: written, with the skipped files counted
+    assert "7 images, 3 classes" in printed and "3 skipped" in printed and out.exists()
 
 
 def test_bad_roots_and_options(tmp_path, messy):
