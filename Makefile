@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 APT_PKGS := g++ pkg-config ninja-build libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
 
-.PHONY: setup demo demo-compare test flops benchmark clean
+.PHONY: setup demo demo-compare test timm-suite flops benchmark clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ demo-compare: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x --durations=15
+
+# timm's own tests/test_models.py (from timm's sdist on PyPI) on the optdnn models; ~15 min, not part of `test`
+timm-suite: $(STAMP)
+	$(PY) tests/run_timm_suite.py
 
 flops: $(STAMP)
 	$(PY) -m timm_optdnn.flops
