@@ -69,6 +69,15 @@ class FlopCount(NamedTuple):
         """(name, params M, GFLOPs) of the published baseline this optdnn_* model reproduces, if any."""
         return PUBLISHED.get(split_name(self.model)[1])
 
+    def problem(self) -> str:
+        """Why this count is incomplete; '' when fvcore counted every op."""
+        if not self.unsupported:
+            return ""
+        opaque = any(op.startswith("prim::PythonOp.") for op in self.unsupported)
+        hint = (" (a custom autograd.Function is opaque to the jit trace: run its plain-op form "
+                "when torch.jit.is_tracing())") if opaque else ""
+        return f"{self.model}: fvcore could not count {self.unsupported}{hint}"
+
 
 def split_name(name: str) -> Tuple[str, str]:
     """'optdnn_apg2_vit_s' -> ('apg2', 'vit_s'); ('', name) for other models."""
@@ -166,8 +175,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except ValueError as e:
         parser.error(str(e))
     for c in counts:
-        if c.unsupported:
-            print(f"warning: {c.model}: fvcore could not count {c.unsupported}", file=sys.stderr)
+        if c.problem():
+            print(f"warning: {c.problem()}", file=sys.stderr)
     if args.format == "json":
         print(json.dumps(_rows(counts), indent=1))
     elif args.format == "csv":
