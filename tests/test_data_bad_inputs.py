@@ -158,3 +158,9 @@ def test_loader_rejects_bad_betons(messy, tmp_path):
         create_loaders(good, good, num_classes=3, batch_size=2, backend="dali")
     with pytest.raises(ValueError, match="even batch_size"):
         create_loaders(good, good, num_classes=3, batch_size=3, mixup=0.8)
+    with pytest.raises(ValueError, match="order must be one of"):
+        create_loaders(good, good, num_classes=3, batch_size=2, order="shuffled")
+    with pytest.raises(ValueError, match="os_cache=False"):
+        create_loaders(good, good, num_classes=3, batch_size=2, order="quasi_random")
+    with pytest.raises(RuntimeError, match="torch.distributed initialised"):
+        create_loaders(good, good, num_classes=3, batch_size=2, distributed=True)

@@ -118,8 +118,9 @@ class FFCVTrainLoader(_Loader):
                   "sequential": OrderOption.SEQUENTIAL}
         if order not in orders:
             raise ValueError(f"order must be one of {sorted(orders)}, got {order!r}")
-        if order == "quasi_random" and distributed:
-            raise ValueError("FFCV's quasi_random order does not support distributed=True; use order='random'")
+        if order == "quasi_random" and (distributed or os_cache):
+            raise ValueError("FFCV's quasi_random order needs os_cache=False and distributed=False; use order='random'")
+        _rank_world(distributed)  # FFCV's sampler would fail with a less helpful message
         decoder = ScaledRandomResizedCropRGBImageDecoder if scaled_decode else RandomResizedCropRGBImageDecoder
         self.decoder = decoder((img_size, img_size), scale=scale, ratio=ratio)
         flip = [RandomHorizontalFlip(hflip)] if hflip > 0 else []
