@@ -7,7 +7,6 @@ exact checkpoint/resume, distributed eval. Launcher-agnostic: reads RANK / WORLD
 """
 import csv
 import json
-import math
 import os
 import random
 import resource
