@@ -132,15 +132,22 @@ class FFCVTrainLoader(_Loader):
         self.augment, self.batch_size, self.compiled_res = augment, batch_size, None
 
     def __iter__(self):
+        # ffcv's Loader.__iter__, with our epoch and skip instead of its own epoch counter
         from ffcv.loader.epoch_iterator import EpochIterator
+        from ffcv.pipeline.compiler import Compiler
+        Compiler.set_num_threads(self.loader.num_workers)
         res = self.resolution(self.epoch)
         self.decoder.output_size = (res, res)
         order = self.loader.traversal_order.sample_order(self.epoch)[: self.batches * self.batch_size]
         if res != self.compiled_res:  # a new output size needs new code and buffers (a few s of numba compile)
             self.loader.generate_code()
             self.compiled_res = res
-        for images, labels in EpochIterator(self.loader, order[self.skip * self.batch_size:]):
-            yield self.targets(self.augment(images), labels.to(self.augment.device, non_blocking=True).long().view(-1))
+        batches = EpochIterator(self.loader, order[self.skip * self.batch_size:])
+        try:
+            for images, labels in batches:
+                yield self.targets(self.augment(images), labels.to(self.augment.device, non_blocking=True).long().view(-1))
+        finally:  # a trainer that stops mid-epoch must not leave FFCV's prefetch thread running
+            batches.close()
 
 
 class FFCVValLoader:
