@@ -1,5 +1,7 @@
 """FFCV data pipeline: real JPEG folders and Fashion-MNIST written to betons, read back through the loaders."""
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +155,12 @@ def test_train_loader_contract(fmnist):
     assert torch.equal(torch.cat([y for _, y in train]), labels1[5 * 16:])  # resume = tail of the same epoch
     with pytest.raises(ValueError, match="skip=99"):
         train.set_epoch(1, skip=99)
+    threads = threading.active_count()
+    for i, _ in enumerate(train):  # a trainer stopping mid-epoch (max_steps, preemption)
+        if i == 1:
+            break
+    time.sleep(1.5)  # FFCV's prefetch thread polls its stop flag every 0.5 s
+    assert threading.active_count() == threads
 
 
 @pytest.mark.timeout(180)
