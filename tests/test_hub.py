@@ -293,7 +293,7 @@ def test_shipped_weights_load_offline_and_score_their_model_card(name, fashion_m
                             batch_size=1000, num_workers=2, img_size=data["input_size"][-1],
                             crop_pct=data["crop_pct"], mean=data["mean"], std=data["std"])
     correct = seen = 0
-    with torch.inference_mode():
+    with torch.no_grad():
         for images, labels in val:
             correct += (model(images).argmax(1) == labels).sum().item()
             seen += labels.numel()

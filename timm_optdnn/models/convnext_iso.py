@@ -13,7 +13,7 @@ from timm.layers.helpers import get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..hub import verified_pretrained
+from ..hub import shipped, verified_pretrained
 from .checkpoint import adapt_scheme_state
 from .schemes import SchemeBlocks
 
@@ -175,12 +175,20 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
     }
 
 
+_FMNIST_SHA256 = {  # `make demo` runs published with `python -m timm_optdnn.hub publish --hash-name`
+    "gd": "60b3eaa8e4b532464c2206080ce8f639ef8260d7e2bf3107e34e218a24fad4ac",
+}
+
 default_cfgs = generate_default_cfgs({
     **{f"optdnn_{scheme}_convnext_iso_{size}": _cfg() for scheme in ("apg2", "gd") for size in ("s", "b", "l")},
-    # the Fashion-MNIST demo size (make demo): 28x28 grey stored as RGB, its own mean / std
-    **{f"optdnn_{scheme}_convnext_iso_fm": _cfg(num_classes=10, input_size=(3, 28, 28), pool_size=(7, 7),
-                                                crop_pct=1.0, interpolation="bilinear", mean=(0.2860,) * 3,
-                                                std=(0.3530,) * 3) for scheme in ("apg2", "gd")},
+    # the Fashion-MNIST demo size (make demo): 28x28 grey stored as RGB, its own mean / std. Its .fmnist weights
+    # ship in the package (timm_optdnn/weights/<tag>/, model card beside them); the sha256 in the file name is
+    # checked before loading
+    **{f"optdnn_{scheme}_convnext_iso_fm" + (".fmnist" if scheme in _FMNIST_SHA256 else ""): _cfg(
+        num_classes=10, input_size=(3, 28, 28), pool_size=(7, 7), crop_pct=1.0, interpolation="bilinear",
+        mean=(0.2860,) * 3, std=(0.3530,) * 3,
+        file=shipped(f"optdnn_{scheme}_convnext_iso_fm.fmnist/model-{_FMNIST_SHA256[scheme]}.safetensors")
+        if scheme in _FMNIST_SHA256 else None) for scheme in ("apg2", "gd")},
 })
 
 
