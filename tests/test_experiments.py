@@ -61,13 +61,13 @@ def test_quick_mode(experiment, tmp_path, built):
         assert (model.blocks.scheme, len(model.blocks), model.width) == (r["scheme"], int(r["depth"]), int(r["width"]))
 
 
-def test_mlp_branches_are_two_layer_and_apg2_at_t1_is_gd():
-    torch.manual_seed(0)
-    gd = OptDNNMLP(3, 2, width=5, depth=4, hidden=7, scheme="gd")
-    apg2 = OptDNNMLP(3, 2, width=5, depth=4, hidden=7, scheme="apg2")
+def test_mlp_two_layer_branches_paired_init_apg2_at_t1_is_gd():
+    gd, apg2 = (common.build(dict(seed=0, width=5, depth=4, hidden=7, scheme=s), 3, 2) for s in ("gd", "apg2"))
     for branch in gd.blocks:
         assert (branch.fc1.in_features, branch.fc1.out_features, branch.fc2.out_features) == (5, 7, 5)
-    apg2.load_state_dict(gd.state_dict(), strict=False)  # everything but apg2's coef
+    # same seed, same weights (apg2 only adds its t_k): the experiments' scheme comparisons are paired
+    assert set(apg2.state_dict()) - set(gd.state_dict()) == {"blocks.coef"}
+    assert all(torch.equal(v, apg2.state_dict()[k]) for k, v in gd.state_dict().items())
     x = torch.randn(16, 3)
     assert not torch.allclose(apg2(x), gd(x))  # t_k = 2/(k+2) differs from the baseline...
     with torch.no_grad():

@@ -45,6 +45,7 @@ def plot(configs: List[Config], artefacts: List[Any], rows: List[dict]) -> plt.F
         fixed = f"width {rows[0]['width']}" if knob == "depth" else f"depth {next(r['depth'] for r in rows if r['setting'] == setting)}"
         ax.set(xscale="log", xlabel=knob, title=f"{setting} ({fixed})")
         ax.set_xticks(xs, [str(x) for x in xs])
+        ax.minorticks_off()
     axes[0].set_ylabel("sawtooth test MSE")
     axes[1].legend(fontsize=7)
     return fig
