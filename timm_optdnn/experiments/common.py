@@ -59,7 +59,7 @@ def parse_args(doc: Optional[str], name: str, argv: Optional[Sequence[str]]) -> 
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, steps: int, lr: float,
-          batch_size: int, seed: int, weight_decay: float = 0.0) -> float:
+          batch_size: int, seed: int, weight_decay: float = 0.0) -> None:
     """AdamW with cosine decay on minibatches drawn with `seed`; scheme coefficients are never decayed."""
     gen = torch.Generator().manual_seed(seed)
     opt = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay)
@@ -73,7 +73,6 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable,
         opt.step()
         sched.step()
     model.eval()
-    return loss.item()
 
 
 def logistic_loss(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
