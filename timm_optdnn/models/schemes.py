@@ -131,7 +131,7 @@ class SchemeBlocks(nn.ModuleList):
     @torch.jit.unused
     def apg2_step_lean(self, y: torch.Tensor, fy: torch.Tensor, d: torch.Tensor, t0: torch.Tensor,
                        t1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        if is_fx_symbolic_tracing():  # fx cannot trace into an autograd.Function
+        if is_fx_symbolic_tracing() or torch.jit.is_tracing():  # tracers (fx, fvcore) cannot see into a Function
             return apg2_step(y, fy, d, t0, t1)
         return Apg2Step.apply(y, fy, d, t0, t1)
 
