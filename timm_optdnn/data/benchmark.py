@@ -5,8 +5,9 @@
 The photos are crops and rescales of scikit-image's bundled colour sample photographs (astronaut, chelsea, coffee,
 hubble_deep_field, ihc, motorcycle_left, retina, rocket), 500x375 or 375x500, saved as JPEG quality 90.
 Rows: torchvision ImageFolder + PIL; FFCV with JPEG storage (stock and scaled decoder); FFCV with ffcv-imagenet's
-storage (max side 256, half raw); all raw at 256; the DeiT augmentations on top; and the raw decode bound
-(libjpeg-turbo alone, one core, times the workers). Epoch 0 (numba compile, worker start) is not timed.
+storage (max side 256, half raw); all raw at 256; the DeiT augmentations on top; stock vs scaled decoder at 128 px
+(the last two rows, the only ones not at 224 px); and the raw decode bound (libjpeg-turbo alone, one core, times
+the workers). Epoch 0 (numba compile, worker start) is not timed.
 """
 import argparse
 import json
@@ -100,12 +101,15 @@ def main(argv: list[str] | None = None) -> None:
                 ("FFCV, max side 256, all raw", "raw256", {}),
                 ("FFCV, 256 50% raw + RandAugment m9", "mix256", dict(rand_augment=deit["rand_augment"])),
                 ("FFCV, 256 50% raw + RA + RE + Mixup/CutMix + LS", "mix256", deit),
-                ("torchvision + RA + RE + Mixup/CutMix + LS", None, dict(backend="torchvision", **deit))]
+                ("torchvision + RA + RE + Mixup/CutMix + LS", None, dict(backend="torchvision", **deit)),
+                # where the scaled decoder is meant to help: the low-resolution epochs of progressive resizing
+                ("FFCV, JPEG storage, stock decoder, 128 px output", "jpg", dict(scaled_decode=False, img_size=128)),
+                ("FFCV, JPEG storage, scaled decoder, 128 px output", "jpg", dict(img_size=128))]
         load = os.getloadavg()[0]
         results = []
         for label, beton, kw in rows:
             path = str(folder) if beton is None else str(betons[beton])
-            train, _ = create_loaders(path, path, **common, **kw)
+            train, _ = create_loaders(path, path, **{**common, **kw})
             size = jpeg_mib if beton is None else betons[beton].stat().st_size / 2**20
             results.append((label, size, loader_rate(train, a.epochs)))
             print(f"{label}: {results[-1][2]:.0f} img/s", flush=True)
