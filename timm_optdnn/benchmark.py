@@ -149,7 +149,7 @@ def ratio(gd: Dict, apg2: Dict, key: str) -> Optional[float]:
 COLUMNS = {  # result key -> table header
     "infer_img_s": "infer img/s", "infer_img_cpu_s": "infer img/CPU-s",
     "train_img_s": "train img/s", "train_img_cpu_s": "train img/CPU-s",
-    "saved_mb": "saved for backward (MB)", "rss_step_mb": "train-step peak RSS growth (MB)",
+    "saved_mb": "saved for backward (MiB)", "rss_step_mb": "train-step peak RSS growth (MiB)",
 }
 
 
