@@ -176,6 +176,7 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
 
 
 _FMNIST_SHA256 = {  # `make demo` runs published with `python -m timm_optdnn.hub publish --hash-name`
+    "apg2": "ad61f24712ada6fc756cdb64a0b7bb1976751e864164a87657877d5c0a971134",
     "gd": "60b3eaa8e4b532464c2206080ce8f639ef8260d7e2bf3107e34e218a24fad4ac",
 }
 
@@ -184,11 +185,11 @@ default_cfgs = generate_default_cfgs({
     # the Fashion-MNIST demo size (make demo): 28x28 grey stored as RGB, its own mean / std. Its .fmnist weights
     # ship in the package (timm_optdnn/weights/<tag>/, model card beside them); the sha256 in the file name is
     # checked before loading
-    **{f"optdnn_{scheme}_convnext_iso_fm" + (".fmnist" if scheme in _FMNIST_SHA256 else ""): _cfg(
+    **{f"optdnn_{scheme}_convnext_iso_fm.fmnist": _cfg(
         num_classes=10, input_size=(3, 28, 28), pool_size=(7, 7), crop_pct=1.0, interpolation="bilinear",
         mean=(0.2860,) * 3, std=(0.3530,) * 3,
-        file=shipped(f"optdnn_{scheme}_convnext_iso_fm.fmnist/model-{_FMNIST_SHA256[scheme]}.safetensors")
-        if scheme in _FMNIST_SHA256 else None) for scheme in ("apg2", "gd")},
+        file=shipped(f"optdnn_{scheme}_convnext_iso_fm.fmnist/model-{sha}.safetensors"))
+       for scheme, sha in _FMNIST_SHA256.items()},
 })
 
 
