@@ -36,7 +36,8 @@ def test_timm_vit_s_counts_attention():
 def test_sdpa_handle_matches_unfused_attention():
     # timm's unfused path spells attention out as matmul + softmax, which fvcore counts itself
     model = build("optdnn_apg2_vit_s", img_size=96, device="meta").to_empty(device="cpu")
-    fused = profile(model, 96)
+    fused = profile(model.train(), 96)
+    assert model.training  # counted in eval mode, handed back in the caller's mode
     for m in model.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = False

@@ -108,7 +108,8 @@ def profile(model_or_name: Union[str, nn.Module], img_size: int = 224, **create_
     elif create_kwargs:
         raise ValueError(f"create_model kwargs {sorted(create_kwargs)} need a model name, not a built model")
     else:
-        name, model = type(model_or_name).__name__, model_or_name.eval()
+        name, model = type(model_or_name).__name__, model_or_name
+    was_training = model.training
     stride = max((f["reduction"] for f in getattr(model, "feature_info", [])), default=1)
     if img_size < stride:
         raise ValueError(f"img_size={img_size} is smaller than {name}'s {stride}-px patch: no tokens to count")
@@ -117,8 +118,10 @@ def profile(model_or_name: Union[str, nn.Module], img_size: int = 224, **create_
     analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit,
                            **{f"aten::{op}": _elementwise(op) for op in ELEMENTWISE_OPS})
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)  # reported in the result
+    model.eval()  # no dropout / drop-path in the count; the caller's mode comes back below
     with torch.no_grad():
         total = analysis.total()
+    model.train(was_training)
     elem = analysis.by_operator()["elementwise"]
     return FlopCount(name, img_size, sum(p.numel() for p in model.parameters()) / 1e6,
                      (total - elem) / 1e9, elem / 1e9, dict(analysis.unsupported_ops()))
