@@ -12,12 +12,11 @@ Memory, measured two ways because CPU has no max_memory_allocated():
   seen by `torch.autograd.graph.saved_tensors_hooks`, parameters excluded). This is what the
   scheme changes, and it is exact and noise-free.
 - peak RSS: a fresh subprocess per model builds it, takes two train steps, and reports its peak
-  resident memory (ru_maxrss) minus its RSS just before the first step: activations, grads, SGD
-  momentum, allocator and oneDNN scratch, all included.
+  resident memory (VmHWM) minus its RSS just before the first step: activations, grads, SGD
+  momentum, backward temporaries, allocator and oneDNN scratch, all included.
 """
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -81,9 +80,10 @@ def images_per_second(fn: Callable[[], None], steps: int, batch_size: int) -> Tu
     return steps * batch_size / (time.perf_counter() - wall), steps * batch_size / (time.process_time() - cpu)
 
 
-def rss_kib() -> int:
+def status_kib(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident), in KiB."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:"))
 
 
 def probe_rss(name: str, batch_size: int, img_size: int) -> None:
@@ -97,10 +97,15 @@ def probe_rss(name: str, batch_size: int, img_size: int) -> None:
     pair.x, pair.y = x, y
     pair.optimizer.zero_grad(set_to_none=True)
     pair.optimizer.state.clear()
-    before = rss_kib()
+    # VmHWM, not ru_maxrss: a child of a big process inherits its parent's peak in ru_maxrss
+    # (the vfork'd address space's high-water mark survives exec). Writing 5 to clear_refs
+    # restarts VmHWM from the current RSS, so the peak below is the two steps' own.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status_kib("VmRSS")
     for _ in range(2):  # the second step also holds SGD momentum buffers
         pair.train_step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak = status_kib("VmHWM")
     print(json.dumps(dict(before_mb=before / 1024, peak_mb=peak / 1024, step_mb=(peak - before) / 1024)))
 
 
