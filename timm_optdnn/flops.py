@@ -54,7 +54,7 @@ def _elementwise(kind: str):
     return lambda inputs, outputs: {"elementwise": count(inputs, outputs)}
 
 
-ELEMENTWISE_OPS = ("add", "add_", "sub", "rsub", "mul", "mul_", "div", "gelu", "softmax", "mean")
+ELEMENTWISE_OPS = ("add", "add_", "sub", "rsub", "mul", "mul_", "div", "addcmul", "addcdiv", "gelu", "softmax", "mean")
 
 
 class FlopCount(NamedTuple):

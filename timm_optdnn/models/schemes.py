@@ -37,8 +37,8 @@ def apg2_step(y: torch.Tensor, fy: torch.Tensor, d: torch.Tensor, t0: torch.Tens
               t1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """One apg2 iteration in the state (y_k, d_k = z_k - x_k), prox = identity:
     x' = y + F(y), z' = z + F(y)/t0  =>  d' = (1 - t0)(d + F(y)/t0),  y' = x' + t1 d'."""
-    d1 = (1 - t0) * (d + fy / t0)
-    return (y + fy) + t1 * d1, d1
+    d1 = torch.addcdiv(d, fy, t0).mul_(1 - t0)  # fused: these passes over memory are the scheme's whole cost
+    return torch.addcmul(y + fy, d1, t1), d1
 
 
 class Apg2Step(torch.autograd.Function):
