@@ -176,8 +176,8 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
 
 
 _FMNIST_SHA256 = {  # `make demo` runs published with `python -m timm_optdnn.hub publish --hash-name`
-    "apg2": "ad61f24712ada6fc756cdb64a0b7bb1976751e864164a87657877d5c0a971134",
-    "gd": "60b3eaa8e4b532464c2206080ce8f639ef8260d7e2bf3107e34e218a24fad4ac",
+    "apg2": "1d5ea34682298eb6494b0a95c10089b60cd5bd1e50f52801fa3bb35e00c11926",
+    "gd": "f5b48a24778bd988fd0224c49206c996d4de9663e572b5c485ce53a9ba9bbacf",
 }
 
 default_cfgs = generate_default_cfgs({
