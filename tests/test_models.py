@@ -274,6 +274,12 @@ def test_wrong_num_classes_errors_but_num_classes_kwarg_reinitialises_head(tmp_p
     assert model.head.weight.shape == (7, 384)
 
 
+def test_other_in_chans_adapts_the_pretrained_stem(vit_s_ckpt):
+    model = timm.create_model("optdnn_apg2_vit_s", pretrained=True, in_chans=1,
+                              pretrained_cfg_overlay=dict(file=vit_s_ckpt))
+    assert model.patch_embed.proj.weight.shape == (384, 1, 16, 16)
+
+
 def test_apg2_checkpoint_into_gd_is_refused(tmp_path):
     torch.save(tiny("vit").state_dict(), tmp_path / "apg2.pth")
     with pytest.raises(ValueError, match="scheme coefficients"):

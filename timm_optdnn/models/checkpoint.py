@@ -35,14 +35,17 @@ def adapt_scheme_state(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict
         raise ValueError(f"{name}: checkpoint holds scheme coefficients ({COEF_KEY}) but the model's "
                          f"scheme is {scheme!r}; load it into the matching optdnn_<scheme>_* model")
 
-    classifier = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
-    cfg_classes = getattr(model, "pretrained_cfg", {}).get("num_classes", getattr(model, "num_classes", None))
-    timm_reinits_head = getattr(model, "num_classes", cfg_classes) != cfg_classes
+    cfg = getattr(model, "pretrained_cfg", {})
+    classifier = cfg.get("classifier", "head")
+    timm_reinits_head = getattr(model, "num_classes", None) != cfg.get("num_classes", getattr(model, "num_classes", None))
+    # timm adapts the first conv to another in_chans after this filter (adapt_input_conv)
+    timm_adapts_stem = getattr(model, "in_chans", 3) != cfg.get("input_size", (3,))[0]
     bad = []
     for k, v in state.items():
         if k not in expected or expected[k].shape == v.shape:
             continue
-        if k.startswith(classifier + ".") and timm_reinits_head:
+        if (k.startswith(classifier + ".") and timm_reinits_head) or \
+                (k.startswith(str(cfg.get("first_conv")) + ".") and timm_adapts_stem):
             continue
         bad.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}")
     if bad:
