@@ -101,6 +101,16 @@ def grid(base: Config, seeds: Sequence[int], **sweep: Sequence[Any]) -> List[Con
     return configs
 
 
+def seeded_grids(quick: Config, full: Config, seeds: Sequence[int]) -> Callable[[bool], List[Config]]:
+    """The `configs` of `experiment` for a fixed base: one seed in --quick mode, every seed otherwise."""
+    return lambda is_quick: grid(quick, seeds[:1]) if is_quick else grid(full, seeds)
+
+
+def describe(cfg: Config) -> str:
+    """'width W, depth D (seed S)': the size a plot title names."""
+    return f"width {cfg['width']}, depth {cfg['depth']} (seed {cfg['seed']})"
+
+
 def run_grid(name: str, out: Path, configs: List[Config], run: Callable[[Config], Tuple[Metrics, Any]],
              budget_s: float) -> Tuple[List[Dict[str, Any]], List[Any]]:
     """Run each config; write <out>/<name>.csv; print the summary. Returns the rows and run artefacts."""

@@ -16,8 +16,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import matplotlib.pyplot as plt
 import torch
 
-from .common import (COLORS, SEEDS, Config, Metrics, build, experiment, first_seed, grid, logistic_loss, model_info,
-                      train)
+from .common import (COLORS, SEEDS, Config, Metrics, build, describe, experiment, first_seed, logistic_loss, model_info,
+                      seeded_grids, train)
 
 NAME = "parity"
 FULL = dict(bits=12, train_frac=0.25, width=4, hidden=4, depth=8, steps=2000, batch=256, lr=1e-2)
@@ -58,14 +58,13 @@ def plot(configs: List[Config], artefacts: List[Any], rows: List[dict]) -> plt.F
         ax.plot(*zip(*curve), "o-", color=COLORS[scheme], label=f"{scheme} (test err {err:.3f})")
     ax.set_xlabel("number of -1 bits (held-out inputs)")
     ax.set_ylabel("mean predicted P(even)")
-    ax.set_title(f"parity of {bits} bits, width {configs[0]['width']}, depth {configs[0]['depth']} (seed {configs[0]['seed']})")
+    ax.set_title(f"parity of {bits} bits, {describe(configs[0])}")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return fig
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
-    return experiment(NAME, __doc__, argv, lambda quick: grid(QUICK, SEEDS[:1]) if quick else grid(FULL, SEEDS),
-                      run, plot, BUDGET_S)
+    return experiment(NAME, __doc__, argv, seeded_grids(QUICK, FULL, SEEDS), run, plot, BUDGET_S)
 
 
 if __name__ == "__main__":

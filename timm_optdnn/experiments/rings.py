@@ -17,8 +17,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import matplotlib.pyplot as plt
 import torch
 
-from .common import (COLORS, SEEDS, Config, Metrics, build, experiment, first_seed, grid, logistic_loss, model_info,
-                      train)
+from .common import (COLORS, SEEDS, Config, Metrics, build, describe, experiment, first_seed, logistic_loss, model_info,
+                      seeded_grids, train)
 
 NAME = "rings"
 BANDS = ((0.0, 0.5, 1.0), (0.9, 1.4, -1.0), (1.8, 2.3, 1.0))  # (r_min, r_max, label)
@@ -67,13 +67,12 @@ def plot(configs: List[Config], artefacts: List[Any], rows: List[dict]) -> plt.F
         ax.set_title(f"{scheme}: test acc {acc:.3f}", color=COLORS[scheme])
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"decision regions, width {configs[0]['width']}, depth {configs[0]['depth']} (seed {configs[0]['seed']})")
+    fig.suptitle(f"decision regions, {describe(configs[0])}")
     return fig
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
-    return experiment(NAME, __doc__, argv, lambda quick: grid(QUICK, SEEDS[:1]) if quick else grid(FULL, SEEDS),
-                      run, plot, BUDGET_S)
+    return experiment(NAME, __doc__, argv, seeded_grids(QUICK, FULL, SEEDS), run, plot, BUDGET_S)
 
 
 if __name__ == "__main__":

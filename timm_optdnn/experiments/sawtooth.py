@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from .common import COLORS, Config, Metrics, build, experiment, first_seed, grid, model_info, train
+from .common import COLORS, Config, Metrics, build, describe, experiment, first_seed, model_info, seeded_grids, train
 
 NAME = "sawtooth"
 FULL = dict(teeth_log2=3, width=8, hidden=16, depth=8, n_train=2048, steps=3000, batch=256, lr=1e-2)
@@ -55,14 +55,12 @@ def plot(configs: List[Config], artefacts: List[Any], rows: List[dict]) -> plt.F
         ax.plot(xt, sawtooth(xt, configs[0]["teeth_log2"]), "k--", lw=0.8)
         ax.plot(xt, pred, color=COLORS[scheme], lw=1.2)
         ax.set_ylabel(f"{scheme}\nMSE {mse:.1e}", color=COLORS[scheme], fontsize=8)
-    axes[0].set_title(f"sawtooth with {2 ** configs[0]['teeth_log2']} teeth, width {configs[0]['width']}, "
-                      f"depth {configs[0]['depth']} (seed {configs[0]['seed']})")
+    axes[0].set_title(f"sawtooth with {2 ** configs[0]['teeth_log2']} teeth, {describe(configs[0])}")
     return fig
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
-    return experiment(NAME, __doc__, argv, lambda quick: grid(QUICK, SEEDS[:1]) if quick else grid(FULL, SEEDS),
-                      fit_sawtooth, plot, BUDGET_S)
+    return experiment(NAME, __doc__, argv, seeded_grids(QUICK, FULL, SEEDS), fit_sawtooth, plot, BUDGET_S)
 
 
 if __name__ == "__main__":
