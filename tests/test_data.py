@@ -14,7 +14,7 @@ pytest.importorskip("ffcv")
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform  # noqa: E402
 
-from timm_optdnn.data import check_beton, create_loaders, resolution, write_beton  # noqa: E402
+from timm_optdnn.data import create_loaders, resolution, write_beton  # noqa: E402
 from timm_optdnn.data.sources import load_rgb, read_fashion_mnist  # noqa: E402
 from timm_optdnn.data.write import main  # noqa: E402
 

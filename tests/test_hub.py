@@ -1,7 +1,6 @@
 """Pretrained weights: publish -> local-dir round trip, verified url download from a loopback server, tags."""
 import http.server
 import re
-import shutil
 import socket
 import threading
 from pathlib import Path
