@@ -237,17 +237,14 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> OptDNNVisionTransformer:
+def _vit(variant: str, scheme: str, pretrained: bool, dims: Dict[str, Any],
+         kwargs: Dict[str, Any]) -> OptDNNVisionTransformer:
     out_indices = kwargs.pop("out_indices", 3)
     return build_model_with_cfg(
         OptDNNVisionTransformer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **verified_pretrained(variant, pretrained, kwargs))
-
-
-def _vit(variant: str, scheme: str, pretrained: bool, dims: Dict[str, Any], kwargs: Dict[str, Any]):
-    return _create(variant, pretrained=pretrained, **dict(dict(patch_size=16, scheme=scheme, **dims), **kwargs))
+        **verified_pretrained(variant, pretrained, dict(dict(patch_size=16, scheme=scheme, **dims), **kwargs)))
 
 
 _TI = dict(embed_dim=192, depth=12, num_heads=3)
