@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import timm_optdnn
+from timm_optdnn.benchmark import saved_bytes
 from timm_optdnn.models.schemes import SchemeBlocks, init_coefficients
 from reference_convnext_iso import ConvNeXtIsotropic
 
@@ -112,24 +113,12 @@ def test_scheme_gradients_match_hand_written_loop(scheme):
         torch.testing.assert_close(p.grad, ref.grad, rtol=1e-10, atol=1e-12)
 
 
-def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x).sum().backward()
-    return sum(storages.values())
-
-
 @pytest.mark.parametrize("family", ["vit", "convnext"])
 def test_apg2_keeps_at_most_one_extra_tensor_per_block_for_backward(family):
     x = torch.randn(4, 3, 32, 32)
     gd, apg2 = tiny(family, scheme="gd").train(), tiny(family).train()
     state = apg2.blocks[0](apg2.stem(x) if family == "convnext" else apg2._pos_embed(apg2.patch_embed(x)))
-    extra = saved_bytes(apg2, x) - saved_bytes(gd, x)
+    extra = saved_bytes(apg2, lambda: apg2(x)) - saved_bytes(gd, lambda: gd(x))
     depth = len(apg2.blocks)
     assert 0 < extra <= depth * state.numel() * 4 + 64 * depth  # d_k per block (+ the scalars t_k)
 

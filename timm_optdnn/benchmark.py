@@ -21,9 +21,10 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 
@@ -55,21 +56,25 @@ class Pair:
         self.optimizer.step()
 
     def saved_bytes(self) -> int:
-        """Bytes autograd saves for backward in one training forward (parameters excluded)."""
-        params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
-        saved: Dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            s = t.untyped_storage()
-            if s.data_ptr() not in params:
-                saved[s.data_ptr()] = s.nbytes()  # views of one storage count once
-            return t
-
         self.model.train()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = F.cross_entropy(self.model(self.x), self.y)
-        del loss  # frees the graph; nothing else to run
-        return sum(saved.values())
+        return saved_bytes(self.model, lambda: F.cross_entropy(self.model(self.x), self.y))
+
+
+def saved_bytes(model: nn.Module, forward: Callable[[], Any]) -> int:
+    """Bytes autograd saves for backward while `forward()` runs (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            saved[s.data_ptr()] = s.nbytes()  # views of one storage count once
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out  # frees the graph; nothing else to run
+    return sum(saved.values())
 
 
 def images_per_second(fn: Callable[[], None], steps: int, batch_size: int) -> Tuple[float, float]:
