@@ -99,19 +99,22 @@ def test_val_center_crop_matches_timm_reference(betons, folder):
     assert err.mean() < 6, err.mean()  # JPEG re-encode + INTER_AREA vs bilinear resampling
 
 
-@pytest.mark.timeout(120)
-def test_scaled_decoder_close_to_full_decode(tmp_path):
-    """Real photos (500x375, q90), 0.875 center crop (328 px) to 112 / 64 px: libjpeg-turbo decodes at 1/2 / 1/4
-    scale. Both decoders are compared with full decode + box-filter resize of the same crop (PIL)."""
+@pytest.mark.timeout(180)
+def test_fast_decoders_close_to_stock_ffcv(tmp_path):
+    """Real photos (500x375, q90). Val: 0.875 center crop (328 px) to 112 / 64 px, where libjpeg-turbo decodes at
+    1/2 / 1/4 scale; both decoders against full decode + box-filter resize of the same crop (PIL). Train: the whole
+    photo (a crop every decoder draws the same) bilinearly resized from a 1/2-scale decode, against stock FFCV's
+    full decode + INTER_AREA; a certain flip is the exact mirror image."""
     from timm_optdnn.data.benchmark import make_photos
     root = make_photos(tmp_path / "train", 8, classes=2)
     write_beton(str(root), tmp_path / "photos.beton", workers=1)
+    beton = tmp_path / "photos.beton"
     for res in (112, 64):
         out = {}
-        for scaled in (False, True):
-            _, val = create_loaders(tmp_path / "photos.beton", tmp_path / "photos.beton", num_classes=2, batch_size=8,
-                                    num_workers=1, img_size=res, crop_pct=0.875, scaled_decode=scaled)
-            out[scaled] = to_uint8(next(iter(val))[0]).float()
+        for fast in (False, True):
+            _, val = create_loaders(beton, beton, num_classes=2, batch_size=8, num_workers=1, img_size=res,
+                                    crop_pct=0.875, fast_decode=fast)
+            out[fast] = to_uint8(next(iter(val))[0]).float()
         refs = []
         for f in sorted(root.rglob("*.jpg")):
             im = load_rgb(f)
@@ -119,9 +122,17 @@ def test_scaled_decoder_close_to_full_decode(tmp_path):
             box = ((im.width - c) // 2, (im.height - c) // 2, (im.width - c) // 2 + c, (im.height - c) // 2 + c)
             refs.append(torch.from_numpy(np.array(im.crop(box).resize((res, res), Image.BOX))).permute(2, 0, 1))
         ref = torch.stack(refs).float()
-        stock, scaled = (out[False] - ref).abs().mean(), (out[True] - ref).abs().mean()
-        assert stock < 3 and scaled < 6, (res, stock, scaled)  # mean abs error in 0..255 levels
+        stock, fast = (out[False] - ref).abs().mean(), (out[True] - ref).abs().mean()
+        assert stock < 3 and fast < 6, (res, stock, fast)  # mean abs error in 0..255 levels
         assert not torch.equal(out[False], out[True])  # the scaled path really ran
+
+    def train_batch(fast: bool, hflip: float) -> torch.Tensor:
+        train, _ = create_loaders(beton, beton, num_classes=2, batch_size=8, num_workers=1, img_size=112, hflip=hflip,
+                                  scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3), order="sequential", fast_decode=fast)
+        return to_uint8(next(iter(train))[0]).float()
+    fast, stock = train_batch(True, 0.0), train_batch(False, 0.0)
+    assert (fast - stock).abs().mean() < 4, (fast - stock).abs().mean()
+    assert torch.equal(train_batch(True, 1.0), fast.flip(-1))
 
 
 @pytest.mark.timeout(120)
@@ -152,7 +163,10 @@ def test_train_loader_contract(fmnist):
     train.set_epoch(2)
     assert not torch.equal(torch.cat([y for _, y in train]), labels1)
     train.set_epoch(1, skip=5)
-    assert torch.equal(torch.cat([y for _, y in train]), labels1[5 * 16:])  # resume = tail of the same epoch
+    tail = [(x, y) for x, y in train]
+    assert torch.equal(torch.cat([y for _, y in tail]), labels1[5 * 16:])  # resume = tail of the same epoch
+    # crops and flips are seeded too: the tail holds exactly the images of the full epoch, in another loader too
+    assert torch.equal(torch.cat([x for x, _ in tail]), torch.cat([x for x, _ in epoch1[5:]]))
     with pytest.raises(ValueError, match="skip=99"):
         train.set_epoch(1, skip=99)
     threads = threading.active_count()
@@ -161,6 +175,9 @@ def test_train_loader_contract(fmnist):
             break
     time.sleep(1.5)  # FFCV's prefetch thread polls its stop flag every 0.5 s
     assert threading.active_count() == threads
+    twin, _ = create_loaders(fmnist, fmnist, **kw)  # a new process resuming: the same seeded crops
+    twin.set_epoch(1)
+    assert torch.equal(next(iter(twin))[0], x)
 
 
 @pytest.mark.timeout(180)

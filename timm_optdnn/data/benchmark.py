@@ -4,8 +4,8 @@
 
 The photos are crops and rescales of scikit-image's bundled colour sample photographs (astronaut, chelsea, coffee,
 hubble_deep_field, ihc, motorcycle_left, retina, rocket), 500x375 or 375x500, saved as JPEG quality 90.
-Rows: torchvision ImageFolder + PIL; FFCV with JPEG storage (stock and scaled decoder); FFCV with ffcv-imagenet's
-storage (max side 256, half raw); all raw at 256; the DeiT augmentations on top; stock vs scaled decoder at 128 px
+Rows: torchvision ImageFolder + PIL; FFCV with JPEG storage (stock decoder and ours, timm_optdnn.data.decoders); FFCV with ffcv-imagenet's
+storage (max side 256, half raw); all raw at 256; the DeiT augmentations on top; stock vs fast decoder at 128 px
 (the last two rows, the only ones not at 224 px); and the raw decode bound (libjpeg-turbo alone, one core, times
 the workers). Epoch 0 (numba compile, worker start) is not timed.
 """
@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         common = dict(num_classes=10, batch_size=a.batch_size, num_workers=a.workers, img_size=224)
         deit = dict(rand_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
         rows = [("torchvision ImageFolder + PIL", None, dict(backend="torchvision")),
-                ("FFCV, JPEG storage, stock decoder", "jpg", dict(scaled_decode=False)),
-                ("FFCV, JPEG storage, scaled decoder", "jpg", {}),
+                ("FFCV, JPEG storage, stock decoder", "jpg", dict(fast_decode=False)),
+                ("FFCV, JPEG storage, fast decoder", "jpg", {}),
                 ("FFCV, max side 256, JPEG", "jpg256", {}),
                 ("FFCV, max side 256, 50% raw (ffcv-imagenet)", "mix256", {}),
                 ("FFCV, max side 256, all raw", "raw256", {}),
@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
                 ("FFCV, 256 50% raw + RA + RE + Mixup/CutMix + LS", "mix256", deit),
                 ("torchvision + RA + RE + Mixup/CutMix + LS", None, dict(backend="torchvision", **deit)),
                 # where the scaled decoder is meant to help: the low-resolution epochs of progressive resizing
-                ("FFCV, JPEG storage, stock decoder, 128 px output", "jpg", dict(scaled_decode=False, img_size=128)),
-                ("FFCV, JPEG storage, scaled decoder, 128 px output", "jpg", dict(img_size=128))]
+                ("FFCV, JPEG storage, stock decoder, 128 px output", "jpg", dict(fast_decode=False, img_size=128)),
+                ("FFCV, JPEG storage, fast decoder, 128 px output", "jpg", dict(img_size=128))]
         load = os.getloadavg()[0]
         results = []
         for label, beton, kw in rows:

@@ -108,12 +108,12 @@ class _Loader:
 
 class FFCVTrainLoader(_Loader):
     def __init__(self, path, *, batch_size, num_workers, img_size, res_schedule, scale, ratio, hflip, order,
-                 distributed, seed, os_cache, drop_last, scaled_decode, augment: BatchAugment, targets: Targets):
+                 distributed, seed, os_cache, drop_last, fast_decode, augment: BatchAugment, targets: Targets):
         from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor
 
-        from .decoders import ScaledRandomResizedCropRGBImageDecoder
+        from .decoders import FastRandomResizedCropRGBImageDecoder
         orders = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
                   "sequential": OrderOption.SEQUENTIAL}
         if order not in orders:
@@ -121,9 +121,11 @@ class FFCVTrainLoader(_Loader):
         if order == "quasi_random" and (distributed or os_cache):
             raise ValueError("FFCV's quasi_random order needs os_cache=False and distributed=False; use order='random'")
         _rank_world(distributed)  # FFCV's sampler would fail with a less helpful message
-        decoder = ScaledRandomResizedCropRGBImageDecoder if scaled_decode else RandomResizedCropRGBImageDecoder
-        self.decoder = decoder((img_size, img_size), scale=scale, ratio=ratio)
-        flip = [RandomHorizontalFlip(hflip)] if hflip > 0 else []
+        if fast_decode:  # crops and flips seeded per sample: a resumed run sees the same images
+            self.decoder, flip = FastRandomResizedCropRGBImageDecoder((img_size, img_size), scale, ratio, hflip, seed), []
+        else:  # stock FFCV, for comparison: crops and flips from numba's unseeded per-thread RNG
+            self.decoder = RandomResizedCropRGBImageDecoder((img_size, img_size), scale=scale, ratio=ratio)
+            flip = [RandomHorizontalFlip(hflip)] if hflip > 0 else []
         self.loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
                              order=orders[order], distributed=distributed, seed=seed, drop_last=drop_last,
                              pipelines={"image": [self.decoder, *flip, *augment.ffcv_ops()],
@@ -153,16 +155,16 @@ class FFCVTrainLoader(_Loader):
 class FFCVValLoader:
     """Sequential, unpadded: rank r reads samples r, r+world, ... so every sample is counted exactly once."""
 
-    def __init__(self, path, *, batch_size, num_workers, img_size, crop_pct, distributed, os_cache, scaled_decode,
+    def __init__(self, path, *, batch_size, num_workers, img_size, crop_pct, distributed, os_cache, fast_decode,
                  mean, std, device, channels_last, num_samples):
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import Squeeze, ToTensor
 
-        from .decoders import ScaledCenterCropRGBImageDecoder
+        from .decoders import FastCenterCropRGBImageDecoder
         rank, world = _rank_world(distributed)
         self.norm = BatchAugment(None, 0.0, mean, std, device, channels_last)
-        decoder = ScaledCenterCropRGBImageDecoder if scaled_decode else CenterCropRGBImageDecoder
+        decoder = FastCenterCropRGBImageDecoder if fast_decode else CenterCropRGBImageDecoder
         self.loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
                              order=OrderOption.SEQUENTIAL, indices=np.arange(rank, num_samples, world), drop_last=False,
                              pipelines={"image": [decoder((img_size, img_size), ratio=crop_pct), *self.norm.ffcv_ops()],
@@ -241,12 +243,14 @@ def create_loaders(train_path: str, val_path: str, *, num_classes: int, backend:
                    rand_augment: str | None = None,
                    re_prob: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0, label_smoothing: float = 0.0,
                    distributed: bool = False, seed: int = 0, device: str = "cpu", channels_last: bool = False,
-                   order: str = "random", os_cache: bool = True, drop_last: bool = True, scaled_decode: bool = True):
+                   order: str = "random", os_cache: bool = True, drop_last: bool = True, fast_decode: bool = True):
     """(train loader, val loader). Train yields normalised float images on `device` and int64 labels, or soft
     [B, num_classes] targets when mixup / cutmix / label_smoothing > 0 (`train.soft_targets`). Val yields
     (images, int64 labels), each val sample on exactly one rank. backend: 'ffcv' (paths are betons) or
     'torchvision' (paths are ImageFolder roots). res_schedule: (start_res, end_res, start_ramp, end_ramp).
-    scaled_decode: decode JPEGs at 1/2..1/8 scale when the crop is at least that much larger than the output."""
+    fast_decode: our decoders (timm_optdnn.data.decoders): JPEGs decoded at 1/2..1/8 scale when the crop is at least
+    that much larger than the output, bilinear train resize, crops and flips seeded per sample (exact resume);
+    False: stock FFCV's."""
     if backend not in ("ffcv", "torchvision"):
         raise ValueError(f"backend must be 'ffcv' or 'torchvision', got {backend!r}")
     if batch_size < 1 or num_workers < 0:
@@ -280,9 +284,9 @@ def create_loaders(train_path: str, val_path: str, *, num_classes: int, backend:
     train = FFCVTrainLoader(train_path, batch_size=batch_size, num_workers=num_workers, img_size=img_size,
                             res_schedule=res_schedule, scale=scale, ratio=ratio, hflip=hflip, order=order,
                             distributed=distributed, seed=seed, os_cache=os_cache, drop_last=drop_last,
-                            scaled_decode=scaled_decode, augment=augment, targets=targets)
+                            fast_decode=fast_decode, augment=augment, targets=targets)
     val = FFCVValLoader(val_path, batch_size=val_batch_size, num_workers=num_workers, img_size=val_img_size,
-                        crop_pct=crop_pct, distributed=distributed, os_cache=os_cache, scaled_decode=scaled_decode,
+                        crop_pct=crop_pct, distributed=distributed, os_cache=os_cache, fast_decode=fast_decode,
                         mean=mean, std=std,
                         device=device, channels_last=channels_last, num_samples=val_meta["num_samples"])
     return train, val
