@@ -215,6 +215,9 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         label_smoothing=cfg.label_smoothing, distributed=world > 1, seed=cfg.seed, device=str(device),
         channels_last=cfg.channels_last, order=cfg.order, os_cache=cfg.os_cache)
     steps_per_epoch = len(train_loader) // cfg.grad_accum
+    # micro-batches left over after the last full accumulation are not read: their gradients would be added to the
+    # next epoch's first step and shift DeepSpeed's accumulation boundary off ours
+    micro_per_epoch = steps_per_epoch * cfg.grad_accum
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_loader)} batches per epoch < grad_accum={cfg.grad_accum}: nothing to step")
     total_steps = steps_per_epoch * cfg.epochs
@@ -275,7 +278,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             break
         train_loader.set_epoch(epoch, skip=skip_batches)
         engine.train()
-        t0, loss_sum, loss_n, batch_i = time.time(), 0.0, 0, skip_batches
+        t0, loss_sum, loss_n, batch_i, step_loss = time.time(), 0.0, 0, skip_batches, 0.0
         for images, targets in train_loader:
             loss = criterion(engine(images.to(dtype)).float(), targets)
             flags = torch.stack([(~torch.isfinite(loss)).float(), torch.tensor(float(bool(stop_signal))),
@@ -289,6 +292,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             batch_i += 1
             images_seen += images.shape[0] * world
             loss_sum, loss_n = loss_sum + flags[2].item() / world, loss_n + 1
+            step_loss += flags[2].item() / world / cfg.grad_accum  # the loss DeepSpeed's accumulated gradient is of
             if batch_i % cfg.grad_accum:
                 continue
             step = engine.global_steps
@@ -298,7 +302,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             lr_now = optimizer.param_groups[0]["lr"]
             if rank == 0:
                 with steps_file.open("a") as f:
-                    csv.writer(f).writerow([step, epoch, f"{flags[2].item() / world:.8f}", f"{lr_now:.8g}"])
+                    csv.writer(f).writerow([step, epoch, f"{step_loss:.8f}", f"{lr_now:.8g}"])
             if step % cfg.log_every_steps == 0:
                 rate = (batch_i - skip_batches) * cfg.batch_size * world / (time.time() - t0)
                 log0(f"epoch {epoch + 1}/{cfg.epochs} step {batch_i // cfg.grad_accum}/{steps_per_epoch} "
@@ -307,8 +311,9 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                     tb.add_scalar("train/loss", loss_sum / loss_n, step)
                     tb.add_scalar("train/lr", lr_now, step)
                     tb.add_scalar("train/img_s", rate, step)
+            step_loss = 0.0
             if flags[1] > 0 or (cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0 and
-                                batch_i < len(train_loader) // cfg.grad_accum * cfg.grad_accum):
+                                batch_i < micro_per_epoch):
                 tag = ckpt.save(engine, client_state(epoch, batch_i))
                 if flags[1] > 0:
                     log0(f"received {stop_signal or 'a stop signal on another rank'}: saved {tag}, exiting")
@@ -317,11 +322,13 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             if step >= max_steps:
                 status = "max_steps" if step < total_steps else "finished"
                 break
+            if batch_i == micro_per_epoch:
+                break
         epoch_time = time.time() - t0
         train_time += epoch_time
         if status == "preempted":
             break
-        epoch_done = batch_i >= len(train_loader) // cfg.grad_accum * cfg.grad_accum
+        epoch_done = batch_i == micro_per_epoch
         metrics = dict(epoch=epoch + 1, step=engine.global_steps, loss=loss_sum / max(loss_n, 1),
                        img_s=((batch_i - skip_batches) * cfg.batch_size * world) / epoch_time, epoch_s=epoch_time)
         skip_batches = 0
