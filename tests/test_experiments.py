@@ -1,14 +1,17 @@
-"""The toy universality experiments: each --quick mode end to end, and the MLP they are built on."""
+"""The toy universality experiments: each --quick mode end to end, and the MLP they are built on; the
+Fashion-MNIST scheme comparison's --quick mode through the real trainer."""
 import csv
 import math
+import subprocess
+import sys
 
 import matplotlib.image
 import pytest
 import torch
 
-from timm_optdnn.experiments import common, parity, rings, sawtooth, width_depth
+from timm_optdnn.experiments import common, fmnist_schemes, parity, rings, sawtooth, width_depth
 from timm_optdnn.models.mlp import OptDNNMLP
-from timm_optdnn.models.schemes import SCHEMES, SchemeBlocks
+from timm_optdnn.models.schemes import SCHEMES, SchemeBlocks, init_coefficients
 
 
 @pytest.fixture
@@ -59,6 +62,38 @@ def test_quick_mode(experiment, tmp_path, built):
     for model, r in zip(built, table):
         assert isinstance(model.blocks, SchemeBlocks)
         assert (model.blocks.scheme, len(model.blocks), model.width) == (r["scheme"], int(r["depth"]), int(r["width"]))
+
+
+@pytest.mark.timeout(240)
+def test_fmnist_schemes_quick_trains_each_scheme_through_the_driver(tmp_path):
+    from timm_optdnn.export import export_state_dict
+    from train.config import load_config
+    from train.train import create_model
+    # a child process, as CI runs the command: its in-process training leaves distributed state behind
+    r = subprocess.run([sys.executable, "-m", "timm_optdnn.experiments.fmnist_schemes", "--quick", "--out",
+                        str(tmp_path), "--runs", str(tmp_path / "runs")], capture_output=True, text=True, timeout=230)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    with open(tmp_path / "fmnist_schemes.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [t["scheme"] for t in table] == list(SCHEMES)
+    assert len({t["gflops"] for t in table}) == 1  # the same multiply-adds for every scheme
+    for t in table:
+        assert 20 < float(t["top1"]) <= 100, t  # chance is 10 %; 9 steps on 1,200 images reach ~45 %
+        coef = [float(c) for c in t["coef"].split()]
+        assert int(t["params"]) - int(table[0]["params"]) == len(coef)  # gd first: equal up to the coefficients
+        # the network the trainer built from the run's saved config, holding the run's trained weights (strict)
+        run = fmnist_schemes.run_dir(tmp_path / "runs", t["scheme"], int(t["seed"]))
+        model = create_model(load_config(str(run / "config.yaml")))
+        model.load_state_dict(export_state_dict(run))
+        assert isinstance(model.blocks, SchemeBlocks) and model.blocks.scheme == t["scheme"]
+        assert model.scheme_coefficients() == pytest.approx(coef, abs=6e-4)
+        if coef:  # learned: trained away from the algorithm's schedule
+            init = init_coefficients(t["scheme"], len(model.blocks))
+            assert len(coef) == len(model.blocks) and max(abs(a - b) for a, b in zip(coef, init.tolist())) > 1e-3
+
+    png = matplotlib.image.imread(tmp_path / "fmnist_schemes.png")
+    assert png.ndim == 3 and min(png.shape[:2]) > 200 and png[..., :3].std() > 0.05
 
 
 def test_mlp_two_layer_branches_paired_init_apg2_at_t1_is_gd():
