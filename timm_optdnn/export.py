@@ -25,15 +25,23 @@ def checkpoint_dir(source: PathLike, tag: Optional[str] = None) -> Tuple[Path, s
         if not latest.is_file():
             raise FileNotFoundError(f"{source}: no 'latest' file, so no complete checkpoint (pass --tag to pick one)")
         tag = latest.read_text().strip()
-    if not (root / tag / "mp_rank_00_model_states.pt").is_file():
-        raise FileNotFoundError(f"{root / tag} is not a DeepSpeed checkpoint (no mp_rank_00_model_states.pt)")
+    _model_states(root / tag)
     return root, tag
+
+
+def _model_states(ckpt: Path) -> Path:
+    """Rank 0's model-states file (with the client state): ZeRO-3 writes one per rank, the other stages one."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (ckpt / name).is_file():
+            return ckpt / name
+    raise FileNotFoundError(f"{ckpt} is not a DeepSpeed checkpoint (no mp_rank_00_model_states.pt, nor ZeRO-3's "
+                            f"zero_pp_rank_0_mp_rank_00_model_states.pt)")
 
 
 def client_state(source: PathLike, tag: Optional[str] = None) -> dict:
     """The trainer's client state saved with the checkpoint (epoch, model name and kwargs, EMA, history)."""
     root, tag = checkpoint_dir(source, tag)
-    return torch.load(root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return torch.load(_model_states(root / tag), map_location="cpu", weights_only=False)
 
 
 def export_state_dict(source: PathLike, tag: Optional[str] = None, ema: bool = False) -> Dict[str, torch.Tensor]:
