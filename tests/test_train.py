@@ -9,6 +9,7 @@ without them is a resumed run bit-identical (drop-path, the data order and every
 """
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -197,6 +198,23 @@ def test_zero0_and_zero3_step_like_zero1_and_export(plain, data, tmp_path, stage
     model = timm.create_model("optdnn_apg2_convnext_iso_fm", num_classes=10, dim=32, depth=3)
     assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in model.state_dict().items()}
     model.load_state_dict(state)
+
+
+@pytest.mark.timeout(300)
+def test_bf16_zero1_on_cpu_computes_in_bf16_with_fp32_master_weights(plain, data, tmp_path):
+    from timm_optdnn.export import client_state, export_state_dict
+    r = run(deepspeed_cmd(*PLAIN, *data, "zero_stage=1", "precision=bf16", f"out_dir={tmp_path}", "max_steps=8"))
+    assert r.returncode == 0, r.log[-3000:]
+    assert "ZeRO-1 bf16 on cpu" in r.log
+    assert json.loads((tmp_path / "result.json").read_text())["compute_dtype"] == "torch.bfloat16"
+    losses, ref = [float(x) for _, x, _ in steps(tmp_path)], [float(x) for _, x, _ in steps(plain)[:8]]
+    assert all(math.isfinite(x) for x in losses) and sum(losses[-3:]) / 3 < losses[0] - 0.1
+    assert losses == pytest.approx(ref, rel=2e-3) and losses != ref  # bf16: near fp32 (measured 1.6e-4), not equal
+    module, master = client_state(tmp_path)["module"], export_state_dict(tmp_path)
+    assert {v.dtype for v in module.values()} == {torch.bfloat16}
+    assert {v.dtype for v in master.values()} == {torch.float32}
+    assert all(torch.equal(master[k].bfloat16(), module[k]) for k in module)  # the module is the master, rounded
+    assert any(not torch.equal(master[k], module[k].float()) for k in module)  # and the master keeps more bits
 
 
 @pytest.mark.timeout(480)

@@ -272,6 +272,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                     ema=ema.state_dict() if ema is not None else None)
 
     t_start, train_time, images_seen, status = time.time(), 0.0, 0, "finished"
+    compute_dtype = None  # what the model's output really came out in: DeepSpeed, not the recipe, decides it
     max_steps = cfg.max_steps or total_steps
     for epoch in range(start_epoch, cfg.epochs):
         if engine.global_steps >= max_steps or status != "finished":
@@ -280,7 +281,9 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         engine.train()
         t0, loss_sum, loss_n, batch_i, step_loss = time.time(), 0.0, 0, skip_batches, 0.0
         for images, targets in train_loader:
-            loss = criterion(engine(images.to(dtype)).float(), targets)
+            logits = engine(images.to(dtype))
+            compute_dtype = str(logits.dtype)
+            loss = criterion(logits.float(), targets)
             flags = torch.stack([(~torch.isfinite(loss)).float(), torch.tensor(float(bool(stop_signal))),
                                  loss.detach().float()]).to(device)
             dist.all_reduce(flags)  # one tiny collective: NaN on any rank, a signal on any rank, the mean loss
@@ -354,7 +357,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
     result = dict(status=status, model=cfg.model, step=engine.global_steps, params=n_params,
                   train_img_s=images_seen / max(train_time, 1e-9), train_s=train_time, wall_s=time.time() - t_start,
-                  peak_mem_mb=peak_mb, last=history[-1] if history else None, checkpoint=ckpt.latest(),
+                  peak_mem_mb=peak_mb, compute_dtype=compute_dtype, last=history[-1] if history else None,
+                  checkpoint=ckpt.latest(),
                   scheme_coefficients=[round(c, 4) for c in engine.module.scheme_coefficients()]
                   if cfg.zero_stage < 3 and hasattr(engine.module, "scheme_coefficients") else None)
     if rank == 0:
