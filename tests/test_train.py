@@ -228,6 +228,63 @@ def test_zero1_nonfinite_loss_stops_with_last_checkpoint_intact(data, tmp_path):
     assert export_state_dict(tmp_path)  # ZeRO-1 shards of the last good step consolidate
 
 
+def _worker(agent: subprocess.Popen):
+    """The training process a torchrun agent started (one per agent here)."""
+    import psutil
+    deadline = time.time() + 60
+    while True:
+        procs = [p for p in psutil.Process(agent.pid).children(recursive=True) if "train" in p.cmdline()]
+        if procs or time.time() > deadline:
+            assert len(procs) == 1, procs
+            return procs[0]
+        time.sleep(0.5)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_dead_or_hung_rank_ends_the_run_within_dist_timeout(data, tmp_path, sig):
+    """Two torchrun agents (2 "nodes" on 127.0.0.1, so neither launcher kills the other's rank): rank 1 is
+    killed (its sockets close) or stopped (a hung node: its sockets stay open, only the timeout can tell)
+    mid-training. Rank 0 must fail within dist_timeout_s, not hang, and `latest` must name a complete checkpoint."""
+    from timm_optdnn.export import client_state, export_state_dict
+    timeout_s, out, port = 20, tmp_path / "run", _port()
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    agents = [subprocess.Popen(
+        [PY, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+         "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "train", *TINY, *data, "zero_stage=1",
+         "ckpt_every_steps=1", f"dist_timeout_s={timeout_s}", f"out_dir={out}"],
+        cwd=ROOT, env=_env(), stdout=logs[rank].open("w"), stderr=subprocess.STDOUT) for rank in (0, 1)]
+    victim = None
+    try:
+        survivor, victim = _worker(agents[0]), _worker(agents[1])
+        deadline = time.time() + 420
+        while not (out / "checkpoints" / "latest").is_file():  # training, with a checkpoint down
+            assert time.time() < deadline and all(a.poll() is None for a in agents), logs[0].read_text()[-3000:]
+            time.sleep(0.05)
+        victim.send_signal(sig)
+        t0 = time.time()
+        agents[0].wait(timeout=timeout_s + 100)
+        elapsed = time.time() - t0
+        log = logs[0].read_text()
+        assert agents[0].returncode != 0 and not survivor.is_running(), log[-3000:]
+        assert elapsed < timeout_s + 60, f"rank 0 needed {elapsed:.0f} s to give up"
+        if sig == signal.SIGSTOP:  # gloo's timeout; DeepSpeed's groups had torch's 30 min before set_group_timeouts
+            assert f"Timed out waiting {timeout_s * 1000}ms" in log, log[-3000:]
+    finally:
+        if victim is not None and victim.is_running():  # the stopped rank: a cluster's scheduler would end it
+            victim.kill()
+        for a in agents:
+            if a.poll() is None:
+                a.kill()
+            a.wait(timeout=60)
+    assert agents[1].returncode != 0
+    root = out / "checkpoints"
+    tag = (root / "latest").read_text()
+    assert {p.name for p in (root / tag).iterdir()} >= {"mp_rank_00_model_states.pt", "rng_rank0.pt", "rng_rank1.pt"}
+    assert client_state(out)["global_steps"] == int(tag[4:])
+    assert export_state_dict(out)  # both ranks' ZeRO-1 shards are there
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("overrides, message", [
     (["lrr=1e-3"], "unknown config key(s): lrr (did you mean lr?)"),

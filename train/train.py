@@ -75,6 +75,14 @@ def setup_distributed(cfg: TrainConfig) -> torch.device:
     return torch.device("cuda", int(os.environ["LOCAL_RANK"])) if use_cuda else torch.device("cpu")
 
 
+def set_group_timeouts(timeout: timedelta) -> None:
+    """Give every process group the run's timeout. DeepSpeed creates its own groups (data parallel, ZeRO) without
+    one, so they get torch's default (30 min on gloo, 10 on NCCL) and a hung rank would hold the others in ZeRO's
+    collectives that long, whatever `dist_timeout_s` says."""
+    for group in list(dist.distributed_c10d._world.pg_map):  # torch lists the groups only in this private map
+        dist.set_timeout(timeout, group)
+
+
 def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -231,6 +239,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     # the EMA copy is taken before DeepSpeed casts the module to bf16/fp16, so it averages in fp32
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema else None
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=load_ds_config(cfg, world))
+    set_group_timeouts(timedelta(seconds=cfg.dist_timeout_s))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
     criterion = SoftTargetCrossEntropy() if train_loader.soft_targets else nn.CrossEntropyLoss()
     n_params = sum(p.numel() for p in model.parameters()) if cfg.zero_stage < 3 else \
