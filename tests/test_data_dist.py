@@ -2,6 +2,7 @@
 val shards are disjoint, unpadded and cover it exactly once. 41 classes of one image each, so label = sample id."""
 import json
 import socket
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,13 @@ def _rank(rank: int, port: int, folder: str, beton: str, out: str) -> None:
             train.set_epoch(epoch)
             seen[f"{backend}_train{epoch}"] = [t for _, y in train for t in y.tolist()]
         seen[f"{backend}_val"] = [t for _, y in val for t in y.tolist()]
+        train, _ = create_loaders(path, path, num_classes=N, backend=backend, batch_size=4, num_workers=workers,
+                                  img_size=16, drop_last=False, distributed=True, seed=7, repeated_aug=3)
+        for epoch in (0, 1):
+            train.set_epoch(epoch)
+            seen[f"{backend}_repeat{epoch}"] = [t for _, y in train for t in y.tolist()]
+        train.set_epoch(1, skip=2)  # resumed 2 batches into epoch 1: the order is recomputed from seed + epoch
+        seen[f"{backend}_repeat1_resumed"] = [t for _, y in train for t in y.tolist()]
     Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
     dist.destroy_process_group()
 
@@ -55,3 +63,17 @@ def test_two_rank_sharding(tmp_path):
         va, vb = r0[f"{backend}_val"], r1[f"{backend}_val"]
         assert sorted(va + vb) == list(range(N)) and {len(va), len(vb)} == {20, 21}  # each sample exactly once
     assert r0["ffcv_train0"] == r0["torchvision_train0"]  # same sampler, same seed: the backends agree on the order
+    # repeated augmentation (timm's RepeatAugSampler, 3 repeats): 41 x 3 copies dealt round-robin to the 2 ranks,
+    # each rank's share cut to ceil(41 / 2) = 21 (the epoch keeps the dataset's length): the first 14 samples of
+    # the epoch's permutation, 3 copies each, every one on both ranks
+    for backend in ("ffcv", "torchvision"):
+        for epoch in (0, 1):
+            a, b = r0[f"{backend}_repeat{epoch}"], r1[f"{backend}_repeat{epoch}"]
+            assert len(a) == len(b) == 21
+            counts = Counter(a + b)
+            assert len(counts) == 14 and set(counts.values()) == {3}
+            assert set(a) == set(b)
+        assert set(r0[f"{backend}_repeat0"]) != set(r0[f"{backend}_repeat1"])  # other samples next epoch
+        for r in (r0, r1):
+            assert r[f"{backend}_repeat1_resumed"] == r[f"{backend}_repeat1"][2 * 4:]
+    assert r0["ffcv_repeat0"] == r0["torchvision_repeat0"] and r1["ffcv_repeat1"] == r1["torchvision_repeat1"]

@@ -295,6 +295,7 @@ def test_dead_or_hung_rank_ends_the_run_within_dist_timeout(data, tmp_path, sig)
     (["warmup_epochs=10", "epochs=5"], "warmup_epochs=10.0 must be < epochs=5"),
     (["res_schedule=[160,192]"], "res_schedule=[160, 192]"),
     (["precision=fp16", "device=cpu"], "precision=fp16 needs a GPU"),
+    (["repeated_aug=-1"], "repeated_aug=-1 must be >= 0"),
     (["epochs"], "override 'epochs' is not key=value"),
 ])
 def test_config_errors_are_clear(overrides, message):

@@ -45,6 +45,7 @@ class TrainConfig:
     mixup: float = 0.0
     cutmix: float = 0.0
     label_smoothing: float = 0.0
+    repeated_aug: int = 0  # DeiT's repeated augmentation (timm --aug-repeats): each sample N times per epoch; 0 = off
     num_workers: int = 2
     channels_last: bool = False
     order: str = "random"
@@ -117,7 +118,7 @@ class TrainConfig:
                   "log_every_steps", "img_size", "plan_gpus_per_node", "plan_nodes", "dist_timeout_s"):
             need(getattr(self, k) > 0, f"{k}={getattr(self, k)} must be > 0")
         for k in ("max_steps", "ckpt_every_steps", "num_workers", "threads", "lr_base_size", "clip_grad",
-                  "warmup_epochs", "weight_decay", "drop_path", "re_prob", "mixup", "cutmix"):
+                  "repeated_aug", "warmup_epochs", "weight_decay", "drop_path", "re_prob", "mixup", "cutmix"):
             need(getattr(self, k) >= 0, f"{k}={getattr(self, k)} must be >= 0")
         need(self.lr > 0, f"lr={self.lr} must be > 0")
         need(0 <= self.label_smoothing < 1, f"label_smoothing={self.label_smoothing} must be in [0, 1)")

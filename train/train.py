@@ -221,7 +221,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         mean=tuple(cfg.mean or data_cfg["mean"]), std=tuple(cfg.std or data_cfg["std"]),
         rand_augment=cfg.rand_augment, re_prob=cfg.re_prob, mixup=cfg.mixup, cutmix=cfg.cutmix,
         label_smoothing=cfg.label_smoothing, distributed=world > 1, seed=cfg.seed, device=str(device),
-        channels_last=cfg.channels_last, order=cfg.order, os_cache=cfg.os_cache)
+        channels_last=cfg.channels_last, order=cfg.order, os_cache=cfg.os_cache, repeated_aug=cfg.repeated_aug)
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     # micro-batches left over after the last full accumulation are not read: their gradients would be added to the
     # next epoch's first step and shift DeepSpeed's accumulation boundary off ours

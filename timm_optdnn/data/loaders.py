@@ -106,9 +106,27 @@ class _Loader:
         self.epoch, self.skip = epoch, skip
 
 
+def _repeat_sampler(dataset, repeats: int, rank: int, world: int, order: str):
+    """timm's RepeatAugSampler (DeiT's repeated augmentation, timm's --aug-repeats), or None for repeats=0.
+
+    Each epoch takes a permutation, repeats every sample `repeats` times in a row and deals the copies round-robin
+    to the ranks, then cuts every rank's share to N / world (N = len(dataset), first rounded down to a multiple of
+    256 when it is >= 256): an epoch has the dataset's length, made of ~1/repeats of the samples, each seen
+    `repeats` times with different augmentations, mostly on different ranks. Its generator is seeded with the epoch
+    alone; the loaders pass seed + epoch (as torch's DistributedSampler seeds its own), so the recipe's seed counts
+    and a resumed epoch has the same order.
+    """
+    if not repeats:
+        return None
+    from timm.data.distributed_sampler import RepeatAugSampler
+    return RepeatAugSampler(dataset, num_replicas=world, rank=rank, shuffle=order != "sequential",
+                            num_repeats=repeats)
+
+
 class FFCVTrainLoader(_Loader):
     def __init__(self, path, *, batch_size, num_workers, img_size, res_schedule, scale, ratio, hflip, order,
-                 distributed, seed, os_cache, drop_last, fast_decode, augment: BatchAugment, targets: Targets):
+                 distributed, seed, os_cache, drop_last, fast_decode, repeated_aug, augment: BatchAugment,
+                 targets: Targets):
         from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor
@@ -120,7 +138,7 @@ class FFCVTrainLoader(_Loader):
             raise ValueError(f"order must be one of {sorted(orders)}, got {order!r}")
         if order == "quasi_random" and (distributed or os_cache):
             raise ValueError("FFCV's quasi_random order needs os_cache=False and distributed=False; use order='random'")
-        _rank_world(distributed)  # FFCV's sampler would fail with a less helpful message
+        rank, world = _rank_world(distributed)  # FFCV's sampler would fail with a less helpful message
         if fast_decode:  # crops and flips seeded per sample: a resumed run sees the same images
             self.decoder, flip = FastRandomResizedCropRGBImageDecoder((img_size, img_size), scale, ratio, hflip, seed), []
         else:  # stock FFCV, for comparison: crops and flips from numba's unseeded per-thread RNG
@@ -130,8 +148,14 @@ class FFCVTrainLoader(_Loader):
                              order=orders[order], distributed=distributed, seed=seed, drop_last=drop_last,
                              pipelines={"image": [self.decoder, *flip, *augment.ffcv_ops()],
                                         "label": [IntDecoder(), ToTensor(), Squeeze()]})
-        super().__init__(len(self.loader), img_size, res_schedule, targets)
-        self.augment, self.batch_size, self.compiled_res = augment, batch_size, None
+        self.repeat = _repeat_sampler(range(len(self.loader.indices)), repeated_aug, rank, world, order)
+        if self.repeat is None:
+            batches = len(self.loader)
+        else:
+            n = len(self.repeat)
+            batches = n // batch_size if drop_last else math.ceil(n / batch_size)
+        super().__init__(batches, img_size, res_schedule, targets)
+        self.augment, self.batch_size, self.compiled_res, self.seed = augment, batch_size, None, seed
 
     def __iter__(self):
         # ffcv's Loader.__iter__, with our epoch and skip instead of its own epoch counter
@@ -140,7 +164,12 @@ class FFCVTrainLoader(_Loader):
         Compiler.set_num_threads(self.loader.num_workers)
         res = self.resolution(self.epoch)
         self.decoder.output_size = (res, res)
-        order = self.loader.traversal_order.sample_order(self.epoch)[: self.batches * self.batch_size]
+        if self.repeat is not None:
+            self.repeat.set_epoch(self.seed + self.epoch)  # see _repeat_sampler
+            order = self.loader.indices[list(self.repeat)]
+        else:
+            order = self.loader.traversal_order.sample_order(self.epoch)
+        order = order[: self.batches * self.batch_size]
         if res != self.compiled_res:  # a new output size needs new code and buffers (a few s of numba compile)
             self.loader.generate_code()
             self.compiled_res = res
@@ -182,13 +211,16 @@ class TorchvisionTrainLoader(_Loader):
     """ImageFolder + timm create_transform (RandAugment and RandomErasing per sample in the workers)."""
 
     def __init__(self, root, *, batch_size, num_workers, img_size, res_schedule, distributed, seed, drop_last,
-                 device, channels_last, targets: Targets, transform_kwargs: dict):
+                 repeated_aug, device, channels_last, targets: Targets, transform_kwargs: dict):
         from torch.utils.data import DistributedSampler
         from torchvision.datasets import ImageFolder
         from .sources import load_rgb
         self.dataset = ImageFolder(root, loader=load_rgb)
         rank, world = _rank_world(distributed)
-        self.sampler = DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        repeat = _repeat_sampler(self.dataset, repeated_aug, rank, world, "random")
+        self.seed_offset = 0 if repeat is None else seed  # see _repeat_sampler
+        self.sampler = repeat if repeat is not None else \
+            DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
         n = len(self.sampler)
         super().__init__(n // batch_size if drop_last else math.ceil(n / batch_size), img_size, res_schedule, targets)
         self.batch_size, self.num_workers, self.device, self.channels_last = batch_size, num_workers, device, channels_last
@@ -203,7 +235,7 @@ class TorchvisionTrainLoader(_Loader):
             self.loader = DataLoader(self.dataset, self.batch_size, sampler=self.order, num_workers=self.num_workers,
                                      pin_memory=self.device.startswith("cuda"), persistent_workers=self.num_workers > 0)
             self.loader_res = res
-        self.sampler.set_epoch(self.epoch)
+        self.sampler.set_epoch(self.seed_offset + self.epoch)
         self.order[:] = list(self.sampler)[self.skip * self.batch_size: self.batches * self.batch_size]
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         for images, labels in self.loader:
@@ -243,18 +275,22 @@ def create_loaders(train_path: str, val_path: str, *, num_classes: int, backend:
                    rand_augment: str | None = None,
                    re_prob: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0, label_smoothing: float = 0.0,
                    distributed: bool = False, seed: int = 0, device: str = "cpu", channels_last: bool = False,
-                   order: str = "random", os_cache: bool = True, drop_last: bool = True, fast_decode: bool = True):
+                   order: str = "random", os_cache: bool = True, drop_last: bool = True, fast_decode: bool = True,
+                   repeated_aug: int = 0):
     """(train loader, val loader). Train yields normalised float images on `device` and int64 labels, or soft
     [B, num_classes] targets when mixup / cutmix / label_smoothing > 0 (`train.soft_targets`). Val yields
     (images, int64 labels), each val sample on exactly one rank. backend: 'ffcv' (paths are betons) or
     'torchvision' (paths are ImageFolder roots). res_schedule: (start_res, end_res, start_ramp, end_ramp).
     fast_decode: our decoders (timm_optdnn.data.decoders): JPEGs decoded at 1/2..1/8 scale when the crop is at least
     that much larger than the output, bilinear train resize, crops and flips seeded per sample (exact resume);
-    False: stock FFCV's."""
+    False: stock FFCV's. repeated_aug: DeiT's repeated augmentation (timm's RepeatAugSampler, --aug-repeats), each
+    train sample `repeated_aug` times per epoch spread over the ranks, epoch length kept; 0 = off."""
     if backend not in ("ffcv", "torchvision"):
         raise ValueError(f"backend must be 'ffcv' or 'torchvision', got {backend!r}")
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
+    if repeated_aug < 0:
+        raise ValueError(f"repeated_aug must be >= 0 (0 = off), got {repeated_aug}")
     if (mixup > 0 or cutmix > 0) and batch_size % 2:
         raise ValueError(f"timm Mixup/CutMix needs an even batch_size, got {batch_size}")
     if not 0 < crop_pct <= 1:
@@ -266,10 +302,10 @@ def create_loaders(train_path: str, val_path: str, *, num_classes: int, backend:
     if backend == "torchvision":
         train = TorchvisionTrainLoader(
             train_path, batch_size=batch_size, num_workers=num_workers, img_size=img_size, res_schedule=res_schedule,
-            distributed=distributed, seed=seed, drop_last=drop_last, device=device, channels_last=channels_last,
-            targets=targets, transform_kwargs=dict(scale=scale, ratio=ratio, hflip=hflip, auto_augment=rand_augment,
-                                                   re_prob=re_prob, re_mode="pixel", mean=mean, std=std,
-                                                   interpolation="bilinear"))
+            distributed=distributed, seed=seed, drop_last=drop_last, repeated_aug=repeated_aug, device=device,
+            channels_last=channels_last, targets=targets,
+            transform_kwargs=dict(scale=scale, ratio=ratio, hflip=hflip, auto_augment=rand_augment, re_prob=re_prob,
+                                  re_mode="pixel", mean=mean, std=std, interpolation="bilinear"))
         val = TorchvisionValLoader(val_path, batch_size=val_batch_size, num_workers=num_workers, img_size=val_img_size,
                                    crop_pct=crop_pct, distributed=distributed, mean=mean, std=std, device=device,
                                    channels_last=channels_last)
@@ -284,7 +320,7 @@ def create_loaders(train_path: str, val_path: str, *, num_classes: int, backend:
     train = FFCVTrainLoader(train_path, batch_size=batch_size, num_workers=num_workers, img_size=img_size,
                             res_schedule=res_schedule, scale=scale, ratio=ratio, hflip=hflip, order=order,
                             distributed=distributed, seed=seed, os_cache=os_cache, drop_last=drop_last,
-                            fast_decode=fast_decode, augment=augment, targets=targets)
+                            fast_decode=fast_decode, repeated_aug=repeated_aug, augment=augment, targets=targets)
     val = FFCVValLoader(val_path, batch_size=val_batch_size, num_workers=num_workers, img_size=val_img_size,
                         crop_pct=crop_pct, distributed=distributed, os_cache=os_cache, fast_decode=fast_decode,
                         mean=mean, std=std,
