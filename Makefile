@@ -2,6 +2,9 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 APT_PKGS := g++ pkg-config ninja-build libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
+# the venv's tools first, as in an activated shell: DeepSpeed's JIT-built comm op records which ninja built it and
+# rebuilds (~1 min) whenever a run sees the other one (pip's in the venv, Debian's on the system)
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
 .PHONY: setup demo demo-compare test timm-suite flops benchmark clean
 
