@@ -181,6 +181,23 @@ def test_train_loader_contract(fmnist):
 
 
 @pytest.mark.timeout(180)
+def test_seeded_crops_follow_the_sample_not_the_batch(fmnist):
+    """Crops and flips are a function of (seed, epoch, sample): batch size does not change them; repeated
+    augmentation's copies of one sample get different crops."""
+    kw = dict(num_classes=10, num_workers=1, img_size=24, scale=(0.35, 1.0), seed=3)
+    epochs = {}
+    for bs in (16, 8):
+        train, _ = create_loaders(fmnist, fmnist, batch_size=bs, **kw)
+        train.set_epoch(1)
+        epochs[bs] = torch.cat([x for x, _ in train])
+    assert torch.equal(epochs[16], epochs[8][: len(epochs[16])])
+    train, _ = create_loaders(fmnist, fmnist, batch_size=12, repeated_aug=3, **kw)
+    train.set_epoch(0)
+    x, y = next(iter(train))  # timm's RepeatAugSampler on one rank: copies a, a, a, b, b, b, ...
+    assert y[0] == y[1] == y[2] and not torch.equal(x[0], x[1]) and not torch.equal(x[1], x[2])
+
+
+@pytest.mark.timeout(180)
 def test_train_augment_and_progressive_resizing(fmnist):
     train, _ = create_loaders(fmnist, fmnist, num_classes=10, batch_size=32, num_workers=2, img_size=28,
                               res_schedule=(16, 28, 0, 3), rand_augment="rand-m9-mstd0.5-inc1", re_prob=0.5,

@@ -4,8 +4,8 @@ One uninterrupted ZeRO-2 run (deepspeed launcher) is the reference; a 2-node tor
 preempted with SIGTERM and resumed with the deepspeed launcher, and must reproduce the reference losses step for
 step; a ZeRO-1 run with an absurd lr must stop on the non-finite loss with its last checkpoint intact.
 
-Crops and flips are off in these runs: FFCV draws them from numba's own RNG, which no seed reaches, so only
-without them is a resumed run bit-identical (drop-path, the data order and everything else stay random and seeded).
+Random crops and flips are on: our FFCV decoder seeds them per (seed, epoch, sample), so a resumed run, or one with
+another batch split (grad_accum), sees the same images; drop-path and the data order are random and seeded too.
 """
 import csv
 import json
@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 TINY = ["model=optdnn_apg2_convnext_iso_fm", "model_kwargs={dim: 32, depth: 3}", "num_classes=10", "img_size=28",
-        "crop_pct=1.0", "scale=[1.0,1.0]", "ratio=[1.0,1.0]", "hflip=0", "batch_size=32", "val_batch_size=100", "num_workers=1", "epochs=2",
+        "crop_pct=1.0", "scale=[0.35,1.0]", "hflip=0.5", "batch_size=32", "val_batch_size=100", "num_workers=1", "epochs=2",
         "lr=2e-3", "warmup_epochs=0.5", "drop_path=0.1", "ema=true", "ema_decay=0.9", "layer_decay=0.9",
         "ckpt_every_steps=6", "keep_last=2", "log_every_steps=5", "threads=1", "dist_timeout_s=120"]
 

@@ -8,9 +8,11 @@ non-integer ratio is OpenCV's slow general path. These decoders
   least that many times larger than the output, so what is left to resize is less than a 2x reduction;
 - resize that remainder bilinearly for training (INTER_LINEAR, ~6x cheaper than INTER_AREA; below a 2x reduction
   it skips few source pixels), and keep INTER_AREA for validation, whose outputs should match the reference;
-- draw the training crop and flip from numba's RNG seeded per sample from (seed, sample index, first index of its
-  batch): FFCV's own augmentations draw from numba's per-thread RNG, which no seed reaches, so a resumed run could
-  not see the same crops. Under a random order every epoch gives each sample new neighbours, so new crops.
+- draw the training crop and flip from numba's RNG seeded per sample from (seed, rank, epoch, sample index, copies
+  of the sample earlier in its batch): FFCV's own augmentations draw from numba's per-thread RNG, which no seed
+  reaches, so a resumed run could not see the same crops. The crops do not depend on batch size or worker count;
+  rank and copy count keep repeated augmentation's copies of a sample apart (except two copies that land on one
+  rank on either side of a batch boundary: they get the same crop).
 
 OpenCV is called through its C API (cvResize, cvFlip) in the library FFCV itself links, since FFCV's own ctypes
 binding hard-codes INTER_AREA. Raw-stored images take the same resize path.
@@ -45,30 +47,45 @@ _resize.restype = None
 _flip = _core.cvFlip
 _flip.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
 _flip.restype = None
+# numba freezes arrays captured by compiled code as constants; the epoch must change without recompiling, so the
+# code copies it (memcpy) from a fixed address, that of the decoder's own `epoch` array
+_memcpy = ctypes.CDLL(ctypes.util.find_library("c")).memcpy
+_memcpy.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_size_t]
+_memcpy.restype = ctypes.c_int64
 
 
 class _FastDecode:
     """generate_code of ffcv's ResizedCropRGBImageDecoder, plus DCT scaling, the interpolation and seeded flips."""
-    interpolation, flip_prob, seed = INTER_AREA, 0.0, None
+    interpolation, flip_prob, seed, rank = INTER_AREA, 0.0, None, 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epoch = np.zeros(1, np.int64)  # set_epoch writes here; the compiled code reads it at every batch
 
     def generate_code(self):
         jpg = IMAGE_MODES["jpg"]
         mem_read, my_range = self.memory_read, Compiler.get_iterator()
         imdecode_c, get_crop_c = Compiler.compile(imdecode), Compiler.compile(self.get_crop_generator)
-        init_header, resize, flip = _init_header, _resize, _flip
+        init_header, resize, flip, memcpy = _init_header, _resize, _flip, _memcpy
+        epoch_address = self.epoch.ctypes.data
         scale = np.array(self.scale) if isinstance(self.scale, tuple) else self.scale
         ratio = np.array(self.ratio) if isinstance(self.ratio, tuple) else self.ratio
         out_h, out_w = self.output_size
         interpolation, flip_prob = self.interpolation, self.flip_prob
-        seeded, seed = self.seed is not None, np.int64(self.seed or 0) & 0xFFFFFFFF
+        seeded, seed = self.seed is not None, (np.int64(self.seed or 0) * 1000003 + self.rank) & 0xFFFFFFFF
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
-            first = np.int64(batch_indices[0])
+            epoch = np.zeros(1, np.int64)
+            memcpy(np.int64(epoch.ctypes.data), epoch_address, 8)
+            stream = (seed * 2654435761 + epoch[0] * 40503) & 0xFFFFFFFF
             for dst_ix in my_range(len(batch_indices)):
                 sample = np.int64(batch_indices[dst_ix])
                 if seeded:  # the hash only has to separate nearby seeds; 32 bits is numba's seed width
-                    np.random.seed((seed * 2654435761 + sample * 40503 + first) & 0xFFFFFFFF)
+                    copy = 0
+                    for q in range(dst_ix):
+                        copy += batch_indices[q] == sample
+                    np.random.seed((stream + sample * 2246822519 + copy * 3266489917) & 0xFFFFFFFF)
                 field = metadata[sample]
                 image_data = mem_read(field["data_ptr"], storage_state)
                 height, width = np.int64(field["height"]), np.int64(field["width"])
@@ -105,9 +122,9 @@ class FastRandomResizedCropRGBImageDecoder(_FastDecode, RandomResizedCropRGBImag
     """Random-resized crop + horizontal flip, seeded per sample; `seed=None` leaves numba's RNG unseeded."""
 
     def __init__(self, output_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_prob: float = 0.0,
-                 seed: int | None = 0):
+                 seed: int | None = 0, rank: int = 0):
         super().__init__(output_size, scale=scale, ratio=ratio)
-        self.interpolation, self.flip_prob, self.seed = INTER_LINEAR, flip_prob, seed
+        self.interpolation, self.flip_prob, self.seed, self.rank = INTER_LINEAR, flip_prob, seed, rank
 
 
 class FastCenterCropRGBImageDecoder(_FastDecode, CenterCropRGBImageDecoder):

@@ -140,7 +140,8 @@ class FFCVTrainLoader(_Loader):
             raise ValueError("FFCV's quasi_random order needs os_cache=False and distributed=False; use order='random'")
         rank, world = _rank_world(distributed)  # FFCV's sampler would fail with a less helpful message
         if fast_decode:  # crops and flips seeded per sample: a resumed run sees the same images
-            self.decoder, flip = FastRandomResizedCropRGBImageDecoder((img_size, img_size), scale, ratio, hflip, seed), []
+            self.decoder = FastRandomResizedCropRGBImageDecoder((img_size, img_size), scale, ratio, hflip, seed, rank)
+            flip = []
         else:  # stock FFCV, for comparison: crops and flips from numba's unseeded per-thread RNG
             self.decoder = RandomResizedCropRGBImageDecoder((img_size, img_size), scale=scale, ratio=ratio)
             flip = [RandomHorizontalFlip(hflip)] if hflip > 0 else []
@@ -164,6 +165,8 @@ class FFCVTrainLoader(_Loader):
         Compiler.set_num_threads(self.loader.num_workers)
         res = self.resolution(self.epoch)
         self.decoder.output_size = (res, res)
+        if hasattr(self.decoder, "epoch"):  # ours: crops and flips are a function of (seed, epoch, sample)
+            self.decoder.epoch[0] = self.epoch
         if self.repeat is not None:
             self.repeat.set_epoch(self.seed + self.epoch)  # see _repeat_sampler
             order = self.loader.indices[list(self.repeat)]
