@@ -65,14 +65,15 @@ def data(tmp_path_factory):
 def reference(data, tmp_path_factory):
     """The uninterrupted ZeRO-2 run through the deepspeed launcher."""
     out = tmp_path_factory.mktemp("ref")
-    r = run(deepspeed_cmd(*TINY, *data, "zero_stage=2", f"out_dir={out}"))
+    cmd = deepspeed_cmd(*TINY, *data, "zero_stage=2", f"out_dir={out}")
+    r = run(cmd)
     assert r.returncode == 0, r.log[-3000:]
-    return out, r.log
+    return out, r.log, cmd[cmd.index("--master_port") + 1]
 
 
 @pytest.mark.timeout(480)
 def test_zero2_run_logs_evaluates_and_keeps_last_checkpoints(reference):
-    out, log = reference
+    out, log, port = reference
     result = json.loads((out / "result.json").read_text())
     assert result["status"] == "finished" and result["step"] == 2 * (1200 // 64)
     assert result["last"]["val_count"] == 500  # each val sample counted exactly once over the 2 ranks
@@ -85,6 +86,7 @@ def test_zero2_run_logs_evaluates_and_keeps_last_checkpoints(reference):
     assert (out / "checkpoints" / "latest").read_text() == "step00000036"
     assert (out / "curves.png").stat().st_size > 0 and any((out / "tb").iterdir())
     assert (out / "config.yaml").is_file() and "epoch 2/2" in log
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # DeepSpeed's segments released
     # the learned APG2 coefficients moved away from their 2/(k+2) start
     assert result["scheme_coefficients"][0] != 1.0 or result["scheme_coefficients"][1] != round(2 / 3, 4)
 
@@ -95,7 +97,7 @@ def test_export_reload_matches_training_eval(reference, data, tmp_path):
     from timm_optdnn.data import create_loaders
     from timm_optdnn.export import export
     from train.train import evaluate
-    out, _ = reference
+    out, *_ = reference
     last = json.loads((out / "result.json").read_text())["last"]
     _, val = create_loaders(data[0].split("=", 1)[1], data[1].split("=", 1)[1], num_classes=10, batch_size=32,
                             val_batch_size=100, num_workers=1, img_size=28, crop_pct=1.0,
@@ -110,7 +112,7 @@ def test_export_reload_matches_training_eval(reference, data, tmp_path):
 
 @pytest.mark.timeout(900)
 def test_torchrun_two_nodes_sigterm_then_exact_resume(reference, data, tmp_path):
-    ref_out, _ = reference
+    ref_out, *_ = reference
     out = tmp_path / "run"
     port = _port()
     agents = [subprocess.Popen(
@@ -198,6 +200,16 @@ def test_zero0_and_zero3_step_like_zero1_and_export(plain, data, tmp_path, stage
     model = timm.create_model("optdnn_apg2_convnext_iso_fm", num_classes=10, dim=32, depth=3)
     assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in model.state_dict().items()}
     model.load_state_dict(state)
+
+
+@pytest.mark.timeout(300)
+def test_other_timm_optimizer_under_zero2(data, tmp_path):
+    """DeepSpeed accepts only its own optimizer list under ZeRO unless told otherwise; the recipe's `opt` is any
+    of timm's."""
+    r = run(deepspeed_cmd(*TINY, *data, "zero_stage=2", "opt=sgd", "lr=0.05", f"out_dir={tmp_path}", "max_steps=6"))
+    assert r.returncode == 0, r.log[-3000:]
+    losses = [float(x) for _, x, _ in steps(tmp_path)]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
 
 
 @pytest.mark.timeout(300)

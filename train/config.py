@@ -240,7 +240,10 @@ def load_ds_config(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
         raise ConfigError(f"{cfg.ds_config_path} has ZeRO stage {stage} but zero_stage={cfg.zero_stage}")
     ds.update(train_micro_batch_size_per_gpu=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
               train_batch_size=cfg.batch_size * cfg.grad_accum * world_size, gradient_clipping=cfg.clip_grad,
-              steps_per_print=10 ** 9, wall_clock_breakdown=False)
+              steps_per_print=10 ** 9, wall_clock_breakdown=False,
+              # any timm optimizer is an ordinary torch optimizer whose state ZeRO shards like Adam's; without this
+              # DeepSpeed refuses everything but its own Adam/Lamb list under ZeRO (opt=sgd, lars, ... would fail)
+              zero_allow_untested_optimizer=True)
     ds["bf16"] = {"enabled": cfg.precision == "bf16"}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": cfg.precision == "fp16"}
     return ds

