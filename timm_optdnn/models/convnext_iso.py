@@ -148,7 +148,8 @@ class OptDNNConvNeXtIsotropic(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding, kept channels-last: every branch works over channels (LayerNorm, Linear), so the trunk
         stays NHWC in memory; the scheme's elementwise updates then run on like-strided tensors, not on a
-        permuted view (measured: apg2's train step ~20% faster on ConvNeXt-iso; gd also gains)."""
+        permuted view, and LayerNorm gets a contiguous input (measured at 224 px, batch 32: train step 16% faster
+        for gd and 10% for apg2)."""
         return self.stem(x).contiguous(memory_format=torch.channels_last)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,14 +34,9 @@ def init_coefficients(scheme: str, depth: int) -> torch.Tensor:
 
 
 def apg2_step(y: torch.Tensor, fy: torch.Tensor, d: torch.Tensor, t0: torch.Tensor,
-              t1: torch.Tensor, inplace: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+              t1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """One apg2 iteration in the state (y_k, d_k = z_k - x_k), prox = identity:
-    x' = y + F(y), z' = z + F(y)/t0  =>  d' = (1 - t0)(d + F(y)/t0),  y' = x' + t1 d'.
-    inplace: overwrite d and fy, for inference, where nothing else holds them (a new activation-sized tensor
-    costs fresh pages; gd allocates one per block, the out-of-place apg2 step three)."""
-    if inplace:
-        d1 = d.addcdiv_(fy, t0).mul_(1 - t0)
-        return fy.add_(y).addcmul_(d1, t1), d1
+    x' = y + F(y), z' = z + F(y)/t0  =>  d' = (1 - t0)(d + F(y)/t0),  y' = x' + t1 d'."""
     d1 = torch.addcdiv(d, fy, t0).mul_(1 - t0)  # fused: these passes over memory are the scheme's whole cost
     return torch.addcmul(y + fy, d1, t1), d1
 
@@ -138,8 +133,6 @@ class SchemeBlocks(nn.ModuleList):
                        t1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if is_fx_symbolic_tracing() or torch.jit.is_tracing():  # tracers (fx, fvcore) cannot see into a Function
             return apg2_step(y, fy, d, t0, t1)
-        if not torch.is_grad_enabled():  # inference: x_{k+1} (if kept) is already its own tensor
-            return apg2_step(y, fy, d, t0, t1, inplace=True)
         return Apg2Step.apply(y, fy, d, t0, t1)
 
     @torch.jit.ignore
