@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -40,6 +41,20 @@ def _env() -> dict:
 def deepspeed_cmd(*args: str) -> list:
     return [PY, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()),
             "--module", "train", *args]
+
+
+def torchrun_cmd(node_rank: int, port: int, *args: str) -> list:
+    """One of two torchrun agents, 2 "nodes" of one rank each on 127.0.0.1."""
+    return [PY, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank), "--nproc_per_node", "1",
+            "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "train", *args]
+
+
+def wait_for_checkpoint(out: Path, agents: list, log: Callable[[], str], timeout: int = 420) -> None:
+    """Until the run has a checkpoint down, with every agent still alive."""
+    deadline = time.time() + timeout
+    while not (out / "checkpoints" / "latest").is_file():
+        assert time.time() < deadline and all(a.poll() is None for a in agents), log()[-3000:]
+        time.sleep(0.05)
 
 
 def run(cmd: list, timeout: int = 420) -> subprocess.CompletedProcess:
@@ -115,15 +130,10 @@ def test_torchrun_two_nodes_sigterm_then_exact_resume(reference, data, tmp_path)
     ref_out, *_ = reference
     out = tmp_path / "run"
     port = _port()
-    agents = [subprocess.Popen(
-        [PY, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
-         "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "train", *TINY, *data, "zero_stage=2",
-         f"out_dir={out}"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in (0, 1)]
-    deadline = time.time() + 420
-    while not (out / "checkpoints" / "latest").is_file():  # preempt once the first checkpoint is down
-        assert time.time() < deadline and all(a.poll() is None for a in agents), agents[0].stdout.read()[-3000:]
-        time.sleep(0.05)
+    agents = [subprocess.Popen(torchrun_cmd(rank, port, *TINY, *data, "zero_stage=2", f"out_dir={out}"), cwd=ROOT,
+                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for rank in (0, 1)]
+    wait_for_checkpoint(out, agents, lambda: agents[0].stdout.read())  # preempt once the first checkpoint is down
     for a in agents:
         a.send_signal(signal.SIGTERM)
     logs = [a.communicate(timeout=120)[0] for a in agents]
@@ -141,7 +151,7 @@ def test_torchrun_two_nodes_sigterm_then_exact_resume(reference, data, tmp_path)
 # fp32, no drop-path, no EMA: runs that differ only in how a step's batch is split into micro-batches (grad_accum)
 # or how the model is sharded (ZeRO stage) compute the same steps up to float rounding. AdamW's update hardly
 # depends on the gradient's scale, so a wrongly scaled accumulation would pass; with eps=1 >> |grad| the update is
-# ~lr x grad, as SGD's (DeepSpeed refuses torch's SGD under ZeRO as an "untested ZeRO optimizer").
+# ~lr x grad, as SGD's (AdamW kept: the reference runs use the recipes' optimizer).
 PLAIN = [*TINY, "drop_path=0", "ema=false", "opt_eps=1.0", "lr=0.1", "warmup_epochs=0"]
 
 
@@ -262,17 +272,13 @@ def test_dead_or_hung_rank_ends_the_run_within_dist_timeout(data, tmp_path, sig)
     timeout_s, out, port = 20, tmp_path / "run", _port()
     logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
     agents = [subprocess.Popen(
-        [PY, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
-         "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "train", *TINY, *data, "zero_stage=1",
-         "ckpt_every_steps=1", f"dist_timeout_s={timeout_s}", f"out_dir={out}"],
+        torchrun_cmd(rank, port, *TINY, *data, "zero_stage=1", "ckpt_every_steps=1", f"dist_timeout_s={timeout_s}",
+                     f"out_dir={out}"),
         cwd=ROOT, env=_env(), stdout=logs[rank].open("w"), stderr=subprocess.STDOUT) for rank in (0, 1)]
     victim = None
     try:
         survivor, victim = _worker(agents[0]), _worker(agents[1])
-        deadline = time.time() + 420
-        while not (out / "checkpoints" / "latest").is_file():  # training, with a checkpoint down
-            assert time.time() < deadline and all(a.poll() is None for a in agents), logs[0].read_text()[-3000:]
-            time.sleep(0.05)
+        wait_for_checkpoint(out, agents, logs[0].read_text)  # training, with a checkpoint down
         victim.send_signal(sig)
         t0 = time.time()
         agents[0].wait(timeout=timeout_s + 100)
