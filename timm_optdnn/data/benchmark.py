@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
                 ("FFCV, 256 50% raw + RandAugment m9", "mix256", dict(rand_augment=deit["rand_augment"])),
                 ("FFCV, 256 50% raw + RA + RE + Mixup/CutMix + LS", "mix256", deit),
                 ("torchvision + RA + RE + Mixup/CutMix + LS", None, dict(backend="torchvision", **deit)),
-                # where the scaled decoder is meant to help: the low-resolution epochs of progressive resizing
+                # where DCT scaling is meant to help: the low-resolution epochs of progressive resizing
                 ("FFCV, JPEG storage, stock decoder, 128 px output", "jpg", dict(fast_decode=False, img_size=128)),
                 ("FFCV, JPEG storage, fast decoder, 128 px output", "jpg", dict(img_size=128))]
         load = os.getloadavg()[0]

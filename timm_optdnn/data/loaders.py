@@ -99,6 +99,10 @@ def check_beton(path: str | os.PathLike, num_classes: int, checksum: bool | None
     return meta
 
 
+def _batches(samples: int, batch_size: int, drop_last: bool) -> int:
+    return samples // batch_size if drop_last else math.ceil(samples / batch_size)
+
+
 class _Loader:
     """The shared part of both backends: epoch, resolution schedule, device placement, targets."""
 
@@ -165,11 +169,7 @@ class FFCVTrainLoader(_Loader):
                              pipelines={"image": [self.decoder, *flip, *augment.ffcv_ops()],
                                         "label": [IntDecoder(), ToTensor(), Squeeze()]})
         self.repeat = _repeat_sampler(range(len(self.loader.indices)), repeated_aug, rank, world, order)
-        if self.repeat is None:
-            batches = len(self.loader)
-        else:
-            n = len(self.repeat)
-            batches = n // batch_size if drop_last else math.ceil(n / batch_size)
+        batches = len(self.loader) if self.repeat is None else _batches(len(self.repeat), batch_size, drop_last)
         super().__init__(batches, img_size, res_schedule, targets)
         self.augment, self.batch_size, self.compiled_res, self.seed = augment, batch_size, None, seed
 
@@ -239,8 +239,7 @@ class TorchvisionTrainLoader(_Loader):
         self.seed_offset = 0 if repeat is None else seed  # see _repeat_sampler
         self.sampler = repeat if repeat is not None else \
             DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-        n = len(self.sampler)
-        super().__init__(n // batch_size if drop_last else math.ceil(n / batch_size), img_size, res_schedule, targets)
+        super().__init__(_batches(len(self.sampler), batch_size, drop_last), img_size, res_schedule, targets)
         self.batch_size, self.num_workers, self.device, self.channels_last = batch_size, num_workers, device, channels_last
         self.transform_kwargs, self.loader_res = transform_kwargs, None
         self.order: list[int] = []  # the sampler the DataLoader reads, refilled in place each epoch (main process)
