@@ -1,7 +1,7 @@
 # The Makefile owns set-up: `make demo` and `make test` work on a fresh machine.
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
-APT_PKGS := g++ pkg-config ninja-build libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
+APT_PKGS := g++ pkg-config ninja-build libopencv-dev libturbojpeg0-dev libjpeg62-turbo-dev dataset-fashion-mnist
 # the venv's tools first, as in an activated shell: DeepSpeed's JIT-built comm op records which ninja built it and
 # rebuilds (~1 min) whenever a run sees the other one (pip's in the venv, Debian's on the system)
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py timm_optdnn/data/_jpeg.c Makefile
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PKGS)
 	test -x $(PY) || python3 -m venv .venv

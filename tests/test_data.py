@@ -137,6 +137,36 @@ def test_fast_decoders_close_to_stock_ffcv(tmp_path):
     assert torch.equal(train_batch(True, 1.0), fast.flip(-1))
 
 
+def test_region_decode_equals_full_decode(tmp_path):
+    """decode_region (our C, libjpeg-turbo's partial decoding) gives the crop of a full decode bit for bit, at every
+    DCT scale, for crops touching any edge; errors are return codes, not crashes."""
+    from ffcv.libffcv import imdecode
+    from timm_optdnn.data.benchmark import make_photos
+    from timm_optdnn.data.decoders import _decode_region
+    files = sorted(make_photos(tmp_path, 4, classes=1).rglob("*.jpg"))
+    rng = np.random.default_rng(0)
+    for f in files:
+        data = np.fromfile(f, np.uint8)
+        width, height = Image.open(f).size
+        for d in (1, 2, 4, 8):
+            sh, sw = -(-height // d), -(-width // d)
+            full = np.empty((sh, sw, 3), np.uint8)
+            imdecode(data, full, height, width, height, width, 0, 0, 1, d, False, False)
+            crops = [(0, 0, sh, sw), (sh - 5, sw - 7, 5, 7), (16 // d, 16 // d, 9, 9)]
+            crops += [(y, x, rng.integers(1, sh - y + 1), rng.integers(1, sw - x + 1))
+                      for y, x in zip(rng.integers(0, sh, 6), rng.integers(0, sw, 6))]
+            for y, x, h, w in crops:
+                out = np.zeros((sh, sw, 3), np.uint8)
+                shift = _decode_region(data.ctypes.data, data.size, d, y, x, h, w, out.ctypes.data, 3 * sw)
+                assert 0 <= shift <= x and np.array_equal(out[:h, shift:shift + w], full[y:y + h, x:x + w]), (d, y, x)
+    out = np.zeros(64 * 64 * 3, np.uint8)
+    assert _decode_region(data.ctypes.data, data.size, 1, 0, 0, height + 1, 8, out.ctypes.data, 3 * width) == -2
+    junk = np.frombuffer(b"\xff\xd8 not a jpeg" * 10, np.uint8)
+    assert _decode_region(junk.ctypes.data, junk.size, 1, 0, 0, 8, 8, out.ctypes.data, 24) == -1
+    cut = data[: data.size // 3].copy()  # truncated: libjpeg pads with grey and warns, as TurboJPEG does
+    assert _decode_region(cut.ctypes.data, cut.size, 1, 0, 0, 8, 8, out.ctypes.data, 3 * width) == 0
+
+
 @pytest.mark.timeout(120)
 def test_fashion_mnist_roundtrip(fmnist):
     images, labels = read_fashion_mnist("test")

@@ -37,8 +37,9 @@ def to_device(images: torch.Tensor, device: str, channels_last: bool) -> torch.T
 class BatchAugment:
     """FFCV batch -> RandAugment per sample -> float normalised on device -> RandomErasing.
 
-    Without RandAugment, FFCV normalises in its parallel worker threads (`ffcv_normalize`, ~15% more images/s
-    than doing it here); RandAugment needs the uint8 images, so then normalisation runs here, on `device`.
+    Without RandAugment, FFCV normalises in its parallel worker threads: with our stages (`fast`) straight into a
+    new batch in the model's layout (decoders.NormalizeToFloat), with stock FFCV's into its ring buffer, copied out
+    here. RandAugment needs the uint8 images, so then normalisation runs here, on `device`.
     """
 
     def __init__(self, rand_augment: str | None, re_prob: float, mean, std, device: str, channels_last: bool,
@@ -51,7 +52,7 @@ class BatchAugment:
         # PIL releases the GIL in most RandAugment ops, so threads overlap with the FFCV workers' decoding
         self.pool = ThreadPoolExecutor(threads) if rand_augment else None
         self.erase = RandomErasing(re_prob, mode="pixel", device=device) if re_prob > 0 else None
-        self.ffcv_normalize = not rand_augment
+        self.ffcv_normalize, self.fresh = not rand_augment, False
 
     def _rand_augment(self, images: torch.Tensor) -> torch.Tensor:
         size = images.shape[-1]
@@ -63,19 +64,27 @@ class BatchAugment:
         out = list(self.pool.map(lambda a: np.asarray(self.ra(Image.fromarray(a))), arrays))
         return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
 
-    def ffcv_ops(self) -> list:
-        """FFCV pipeline tail after decode / flip: [decoder, flip, NormalizeImage, ToTensor, ToTorchImage] is an
+    def ffcv_ops(self, fast: bool = True) -> list:
+        """FFCV pipeline tail after decode / flip. Stock: [decoder, flip, NormalizeImage, ToTensor, ToTorchImage], an
         order that works (others hang the Loader at init, DESIGN.md section 4)."""
         from ffcv.transforms import NormalizeImage, ToTensor, ToTorchImage
-        norm = [NormalizeImage(self.mean.view(3).cpu().numpy(), self.std.view(3).cpu().numpy(), np.float32)]
-        return [*(norm if self.ffcv_normalize else []), ToTensor(), ToTorchImage()]
+
+        from .decoders import NormalizeToFloat
+        mean, std = self.mean.view(3).cpu().numpy(), self.std.view(3).cpu().numpy()
+        self.fresh = fast and self.ffcv_normalize
+        if self.fresh:
+            return [NormalizeToFloat(mean, std, self.channels_last), ToTensor()]
+        return [*([NormalizeImage(mean, std, np.float32)] if self.ffcv_normalize else []), ToTensor(), ToTorchImage()]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self.rand_augment:
-            images = self._rand_augment(images)
-        x = to_device(images, self.device, self.channels_last)
-        if images.dtype == torch.uint8:
-            x.sub_(self.mean).div_(self.std)
+        if self.fresh:  # already normalised, in new memory: only the move to the device is left
+            x = (images.permute(0, 3, 1, 2) if self.channels_last else images).to(self.device, non_blocking=True)
+        else:
+            if self.rand_augment:
+                images = self._rand_augment(images)
+            x = to_device(images, self.device, self.channels_last)
+            if images.dtype == torch.uint8:
+                x.sub_(self.mean).div_(self.std)
         return self.erase(x) if self.erase is not None else x
 
 

@@ -1,20 +1,22 @@
 """Loader throughput, side by side on the same ImageNet-like JPEGs and the same 224 px random-resized-crop output.
 
-    python -m timm_optdnn.data.benchmark --images 1000 --workers 2
+    python -m timm_optdnn.data.benchmark --images 1000 --workers 2 --repeats 3
 
 The photos are crops and rescales of scikit-image's bundled colour sample photographs (astronaut, chelsea, coffee,
 hubble_deep_field, ihc, motorcycle_left, retina, rocket), 500x375 or 375x500, saved as JPEG quality 90.
-Rows: torchvision ImageFolder + PIL; FFCV with JPEG storage (stock decoder and ours, timm_optdnn.data.decoders); FFCV with ffcv-imagenet's
-storage (max side 256, half raw); all raw at 256; the DeiT augmentations on top; stock vs fast decoder at 128 px
+Rows: torchvision ImageFolder + PIL; FFCV with JPEG storage (stock FFCV's decoder and normalisation, and ours:
+timm_optdnn.data.decoders); FFCV with ffcv-imagenet's storage (max side 256, half raw); all raw at 256; the DeiT augmentations on top; stock vs fast decoder at 128 px
 (the last two rows, the only ones not at 224 px); and the raw decode bound (libjpeg-turbo alone, one core, times
-the workers). Epoch 0 (numba compile, worker start) is not timed.
+the workers). Epoch 0 (numba compile, worker start) is not timed. Every row runs in its own process.
 """
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +71,19 @@ def loader_rate(train, epochs: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+def _rate(path: str, kw: dict, epochs: int) -> float:
+    from timm_optdnn.data import create_loaders
+    train, _ = create_loaders(path, path, **kw)
+    return loader_rate(train, epochs)
+
+
+def in_fresh_process(fn, *args) -> float:
+    """fn(*args) in a new interpreter: rows must not share thread pools (a finished loader's numba and OpenCV
+    threads slowed the next row by up to 2x here) nor process settings (our decoder sets OpenCV to one thread)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:  # not daemonic: the
+        return pool.submit(fn, *args).result()  # torchvision rows start DataLoader workers
+
+
 def main(argv: list[str] | None = None) -> None:
     from timm_optdnn.data import create_loaders, write_beton
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=2, help="timed epochs (after one warm-up epoch)")
+    p.add_argument("--repeats", type=int, default=1, help="run all rows this many times, interleaved; medians")
     p.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed at the end)")
     a = p.parse_args(argv)
     work = Path(a.dir or tempfile.mkdtemp(prefix="optdnn-bench-"))
@@ -106,18 +122,21 @@ def main(argv: list[str] | None = None) -> None:
                 ("FFCV, JPEG storage, stock decoder, 128 px output", "jpg", dict(fast_decode=False, img_size=128)),
                 ("FFCV, JPEG storage, fast decoder, 128 px output", "jpg", dict(img_size=128))]
         load = os.getloadavg()[0]
-        results = []
-        for label, beton, kw in rows:
-            path = str(folder) if beton is None else str(betons[beton])
-            train, _ = create_loaders(path, path, **{**common, **kw})
-            size = jpeg_mib if beton is None else betons[beton].stat().st_size / 2**20
-            results.append((label, size, loader_rate(train, a.epochs)))
-            print(f"{label}: {results[-1][2]:.0f} img/s", flush=True)
-            del train
-        bound = decode_bound(folder, a.workers)
+        rates: dict[str, list[float]] = {label: [] for label, _, _ in rows}
+        bounds = []
+        for _ in range(a.repeats):  # interleaved, so a slow spell of this shared machine hits every row alike
+            for label, beton, kw in rows:
+                path = str(folder) if beton is None else str(betons[beton])
+                rates[label].append(in_fresh_process(_rate, path, {**common, **kw}, a.epochs))
+                print(f"{label}: {rates[label][-1]:.0f} img/s", flush=True)
+            bounds.append(in_fresh_process(decode_bound, folder, a.workers))
+        results = [(label, jpeg_mib if beton is None else betons[beton].stat().st_size / 2**20,
+                    float(np.median(rates[label]))) for label, beton, _ in rows]
+        bound = float(np.median(bounds))
         base = results[0][2]
         print(f"\n{a.images} photos of 500x375 (JPEG q90), 224 px random-resized-crop + flip, batch {a.batch_size}, "
-              f"{a.workers} workers, {a.epochs} timed epochs; {os.cpu_count()} CPUs, load average "
+              f"{a.workers} workers, {a.epochs} timed epochs, median of {a.repeats} interleaved runs (each row in a "
+              f"fresh process); {os.cpu_count()} CPUs, load average "
               f"{load:.1f} at start, {os.getloadavg()[0]:.1f} at end\n")
         for name, path in betons.items():
             meta = json.loads(Path(f"{path}.meta.json").read_text())

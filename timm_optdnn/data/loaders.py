@@ -166,7 +166,7 @@ class FFCVTrainLoader(_Loader):
             flip = [RandomHorizontalFlip(hflip)] if hflip > 0 else []
         self.loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
                              order=orders[order], distributed=distributed, seed=seed, drop_last=drop_last,
-                             pipelines={"image": [self.decoder, *flip, *augment.ffcv_ops()],
+                             pipelines={"image": [self.decoder, *flip, *augment.ffcv_ops(fast_decode)],
                                         "label": [IntDecoder(), ToTensor(), Squeeze()]})
         self.repeat = _repeat_sampler(range(len(self.loader.indices)), repeated_aug, rank, world, order)
         batches = len(self.loader) if self.repeat is None else _batches(len(self.repeat), batch_size, drop_last)
@@ -214,7 +214,8 @@ class FFCVValLoader:
         decoder = FastCenterCropRGBImageDecoder if fast_decode else CenterCropRGBImageDecoder
         self.loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
                              order=OrderOption.SEQUENTIAL, indices=np.arange(rank, num_samples, world), drop_last=False,
-                             pipelines={"image": [decoder((img_size, img_size), ratio=crop_pct), *self.norm.ffcv_ops()],
+                             pipelines={"image": [decoder((img_size, img_size), ratio=crop_pct),
+                                                       *self.norm.ffcv_ops(fast_decode)],
                                         "label": [IntDecoder(), ToTensor(), Squeeze()]})
 
     def __len__(self) -> int:
