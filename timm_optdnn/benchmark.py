@@ -13,7 +13,8 @@ Memory, measured two ways because CPU has no max_memory_allocated():
   scheme changes, and it is exact and noise-free.
 - peak RSS: a fresh subprocess per model builds it, takes two train steps, and reports its peak
   resident memory (VmHWM) minus its RSS just before the first step: activations, grads, SGD
-  momentum, backward temporaries, allocator and oneDNN scratch, all included.
+  momentum, backward temporaries, allocator and oneDNN scratch, all included. `--repeats` probes
+  per model, interleaved with the twin's; the median is reported.
 """
 import argparse
 import json
@@ -140,6 +141,10 @@ def benchmark(size: str, batch_size: int = 32, img_size: int = 224, repeats: int
                 runs[p.name].setdefault(f"{mode}_img_cpu_s", []).append(cpu)
         log(f"{size} repeat {r + 1}/{repeats}: " + ", ".join(f"{p.name} " + " ".join(
             f"{k} {v[-1]:.2f}" for k, v in runs[p.name].items()) for p in pairs))
+    rss_runs: Dict[str, List[float]] = {p.name: [] for p in pairs}
+    for r in range(repeats if rss else 0):  # one probe's growth varies by +-60-90 MiB: median of interleaved probes
+        for p in pairs if r % 2 == 0 else pairs[::-1]:
+            rss_runs[p.name].append(measure_rss(p.name, batch_size, img_size, threads))
     results = []
     for p in pairs:
         results.append(dict(
@@ -148,7 +153,7 @@ def benchmark(size: str, batch_size: int = 32, img_size: int = 224, repeats: int
             **{f"{k}_range": (min(v), max(v)) for k, v in runs[p.name].items()},
             saved_mb=p.saved_bytes() / MB,
             params_mb=sum(q.numel() * q.element_size() for q in p.model.parameters()) / MB,
-            rss_step_mb=measure_rss(p.name, batch_size, img_size, threads) if rss else None))
+            rss_step_mb=statistics.median(rss_runs[p.name]) if rss else None))
     return results
 
 
