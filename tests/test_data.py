@@ -176,6 +176,12 @@ def test_fashion_mnist_roundtrip(fmnist):
     assert got_labels.tolist() == labels[idx].tolist()
     ref = torch.from_numpy(images[idx]).unsqueeze(1).expand(-1, 3, -1, -1)
     assert torch.equal(to_uint8(got), ref)  # raw storage: bit exact
+    # both layouts of the normalised batch hold the same values, also where 16 does not divide the pixel count
+    for size in (28, 27):
+        batches = [next(iter(create_loaders(fmnist, fmnist, num_classes=10, batch_size=64, num_workers=2, img_size=size,
+                                            crop_pct=1.0, channels_last=cl)[1]))[0] for cl in (False, True)]
+        assert batches[1].is_contiguous(memory_format=torch.channels_last) and batches[0].is_contiguous()
+        assert torch.equal(batches[0], batches[1])
 
 
 @pytest.mark.timeout(180)

@@ -130,10 +130,11 @@ def main(argv: list[str] | None = None) -> None:
                 rates[label].append(in_fresh_process(_rate, path, {**common, **kw}, a.epochs))
                 print(f"{label}: {rates[label][-1]:.0f} img/s", flush=True)
             bounds.append(in_fresh_process(decode_bound, folder, a.workers))
-        results = [(label, jpeg_mib if beton is None else betons[beton].stat().st_size / 2**20,
-                    float(np.median(rates[label]))) for label, beton, _ in rows]
+        results = [(label, jpeg_mib if beton is None else betons[beton].stat().st_size / 2**20, rates[label])
+                   for label, beton, _ in rows]
+        results.append((f"libjpeg-turbo full-size decode alone, 1 core x {a.workers}", jpeg_mib, bounds))
         bound = float(np.median(bounds))
-        base = results[0][2]
+        base = float(np.median(results[0][2]))
         print(f"\n{a.images} photos of 500x375 (JPEG q90), 224 px random-resized-crop + flip, batch {a.batch_size}, "
               f"{a.workers} workers, {a.epochs} timed epochs, median of {a.repeats} interleaved runs (each row in a "
               f"fresh process); {os.cpu_count()} CPUs, load average "
@@ -142,12 +143,12 @@ def main(argv: list[str] | None = None) -> None:
             meta = json.loads(Path(f"{path}.meta.json").read_text())
             print(f"write {name}: {meta['seconds']} s ({a.images / meta['seconds']:.0f} img/s incl. the decode check)")
         print()
-        print("| pipeline | disk MiB | img/s | x torchvision | x decode bound |")
-        print("|---|---:|---:|---:|---:|")
-        for label, size, rate in results:
-            print(f"| {label} | {size:.1f} | {rate:.0f} | {rate / base:.2f} | {rate / bound:.2f} |")
-        print(f"| libjpeg-turbo full-size decode alone, 1 core x {a.workers} | {jpeg_mib:.1f} | {bound:.0f} | "
-              f"{bound / base:.2f} | 1.00 |")
+        print("| pipeline | disk MiB | img/s (median) | runs | x torchvision | x decode bound |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for label, size, runs in results:
+            rate = float(np.median(runs))
+            print(f"| {label} | {size:.1f} | {rate:.0f} | {'-'.join(f'{r:.0f}' for r in sorted(runs))} | "
+                  f"{rate / base:.2f} | {rate / bound:.2f} |")
     finally:
         if a.dir is None:
             shutil.rmtree(work, ignore_errors=True)
