@@ -168,6 +168,19 @@ def test_region_decode_equals_full_decode(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_loader_benchmark_runs_rows_apart_and_rejects_bad_counts(tmp_path, capsys):
+    """The benchmark measures each row in a fresh interpreter (here the decode bound on 3 real photos)."""
+    from timm_optdnn.data.benchmark import decode_bound, in_fresh_process, main as bench_main, make_photos
+    root = make_photos(tmp_path / "photos", 3, classes=1)
+    assert in_fresh_process(decode_bound, root, 2) > 0
+    for flag in ("--repeats", "--images", "--epochs"):
+        with pytest.raises(SystemExit):
+            bench_main([flag, "0", "--dir", str(tmp_path / "unused")])
+        assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "unused").exists()
+
+
+@pytest.mark.timeout(120)
 def test_fashion_mnist_roundtrip(fmnist):
     images, labels = read_fashion_mnist("test")
     idx = np.sort(np.random.default_rng(0).choice(len(images), 200, replace=False))

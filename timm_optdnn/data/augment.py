@@ -43,7 +43,7 @@ class BatchAugment:
     """
 
     def __init__(self, rand_augment: str | None, re_prob: float, mean, std, device: str, channels_last: bool,
-                 threads: int = 2):
+                 threads: int = 2, fast: bool = True):
         self.rand_augment, self.device, self.channels_last = rand_augment, device, channels_last
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
@@ -52,7 +52,8 @@ class BatchAugment:
         # PIL releases the GIL in most RandAugment ops, so threads overlap with the FFCV workers' decoding
         self.pool = ThreadPoolExecutor(threads) if rand_augment else None
         self.erase = RandomErasing(re_prob, mode="pixel", device=device) if re_prob > 0 else None
-        self.ffcv_normalize, self.fresh = not rand_augment, False
+        self.ffcv_normalize = not rand_augment
+        self.fresh = fast and self.ffcv_normalize  # batches come normalised in new memory (NormalizeToFloat)
 
     def _rand_augment(self, images: torch.Tensor) -> torch.Tensor:
         size = images.shape[-1]
@@ -64,14 +65,13 @@ class BatchAugment:
         out = list(self.pool.map(lambda a: np.asarray(self.ra(Image.fromarray(a))), arrays))
         return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
 
-    def ffcv_ops(self, fast: bool = True) -> list:
+    def ffcv_ops(self) -> list:
         """FFCV pipeline tail after decode / flip. Stock: [decoder, flip, NormalizeImage, ToTensor, ToTorchImage], an
         order that works (others hang the Loader at init, DESIGN.md section 4)."""
         from ffcv.transforms import NormalizeImage, ToTensor, ToTorchImage
 
         from .decoders import NormalizeToFloat
         mean, std = self.mean.view(3).cpu().numpy(), self.std.view(3).cpu().numpy()
-        self.fresh = fast and self.ffcv_normalize
         if self.fresh:
             return [NormalizeToFloat(mean, std, self.channels_last), ToTensor()]
         return [*([NormalizeImage(mean, std, np.float32)] if self.ffcv_normalize else []), ToTensor(), ToTorchImage()]

@@ -5,9 +5,10 @@
 The photos are crops and rescales of scikit-image's bundled colour sample photographs (astronaut, chelsea, coffee,
 hubble_deep_field, ihc, motorcycle_left, retina, rocket), 500x375 or 375x500, saved as JPEG quality 90.
 Rows: torchvision ImageFolder + PIL; FFCV with JPEG storage (stock FFCV's decoder and normalisation, and ours:
-timm_optdnn.data.decoders); FFCV with ffcv-imagenet's storage (max side 256, half raw); all raw at 256; the DeiT augmentations on top; stock vs fast decoder at 128 px
-(the last two rows, the only ones not at 224 px); and the raw decode bound (libjpeg-turbo alone, one core, times
-the workers). Epoch 0 (numba compile, worker start) is not timed. Every row runs in its own process.
+timm_optdnn.data.decoders); FFCV with ffcv-imagenet's storage (max side 256, half raw); all raw at 256; the DeiT
+augmentations on top; stock vs fast decoder at 128 px (the last two rows, the only ones not at 224 px); and the raw
+decode bound (libjpeg-turbo alone, one core, times the workers). Epoch 0 (numba compile, worker start) is not
+timed. Every row runs in its own process; `--repeats` runs all rows again, interleaved, and reports the medians.
 """
 import argparse
 import json
@@ -85,7 +86,7 @@ def in_fresh_process(fn, *args) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from timm_optdnn.data import create_loaders, write_beton
+    from timm_optdnn.data import write_beton
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--workers", type=int, default=2)
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=1, help="run all rows this many times, interleaved; medians")
     p.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed at the end)")
     a = p.parse_args(argv)
+    for flag in ("images", "workers", "batch_size", "epochs", "repeats"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
     work = Path(a.dir or tempfile.mkdtemp(prefix="optdnn-bench-"))
     try:
         folder = work / "train"

@@ -166,7 +166,7 @@ class FFCVTrainLoader(_Loader):
             flip = [RandomHorizontalFlip(hflip)] if hflip > 0 else []
         self.loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
                              order=orders[order], distributed=distributed, seed=seed, drop_last=drop_last,
-                             pipelines={"image": [self.decoder, *flip, *augment.ffcv_ops(fast_decode)],
+                             pipelines={"image": [self.decoder, *flip, *augment.ffcv_ops()],
                                         "label": [IntDecoder(), ToTensor(), Squeeze()]})
         self.repeat = _repeat_sampler(range(len(self.loader.indices)), repeated_aug, rank, world, order)
         batches = len(self.loader) if self.repeat is None else _batches(len(self.repeat), batch_size, drop_last)
@@ -210,12 +210,11 @@ class FFCVValLoader:
 
         from .decoders import FastCenterCropRGBImageDecoder
         rank, world = _rank_world(distributed)
-        self.norm = BatchAugment(None, 0.0, mean, std, device, channels_last)
+        self.norm = BatchAugment(None, 0.0, mean, std, device, channels_last, fast=fast_decode)
         decoder = FastCenterCropRGBImageDecoder if fast_decode else CenterCropRGBImageDecoder
         self.loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
                              order=OrderOption.SEQUENTIAL, indices=np.arange(rank, num_samples, world), drop_last=False,
-                             pipelines={"image": [decoder((img_size, img_size), ratio=crop_pct),
-                                                       *self.norm.ffcv_ops(fast_decode)],
+                             pipelines={"image": [decoder((img_size, img_size), ratio=crop_pct), *self.norm.ffcv_ops()],
                                         "label": [IntDecoder(), ToTensor(), Squeeze()]})
 
     def __len__(self) -> int:
@@ -335,7 +334,8 @@ def create_loaders(train_path: str, val_path: str, *, num_classes: int, backend:
     train_meta, val_meta = check_beton(train_path, num_classes), check_beton(val_path, num_classes)
     if train_meta["classes"] != val_meta["classes"]:
         raise ValueError(f"{train_path} and {val_path} have different class lists: not the same dataset")
-    augment = BatchAugment(rand_augment, re_prob, mean, std, device, channels_last, threads=max(1, num_workers))
+    augment = BatchAugment(rand_augment, re_prob, mean, std, device, channels_last, threads=max(1, num_workers),
+                           fast=fast_decode)
     train = FFCVTrainLoader(train_path, batch_size=batch_size, num_workers=num_workers, img_size=img_size,
                             res_schedule=res_schedule, scale=scale, ratio=ratio, hflip=hflip, order=order,
                             distributed=distributed, seed=seed, os_cache=os_cache, drop_last=drop_last,
