@@ -9,7 +9,8 @@ import torch.nn as nn
 
 import timm_optdnn
 from timm_optdnn.benchmark import saved_bytes
-from timm_optdnn.models.schemes import SchemeBlocks, apg2_step, init_coefficients
+from timm_optdnn.models import schemes
+from timm_optdnn.models.schemes import Apg2Step, SchemeBlocks, apg2_step, fused_forward, init_coefficients
 from reference_convnext_iso import ConvNeXtIsotropic
 
 ALL = timm.list_models("optdnn_*")
@@ -133,6 +134,39 @@ def test_apg2_float32_keeps_d_in_bfloat16_for_the_coefficients_only():
             torch.testing.assert_close(mine[n], g, rtol=1e-5, atol=1e-5 * g.abs().max().item())
     torch.testing.assert_close(mine["coef"], plain["coef"], rtol=1e-2, atol=1e-3 * plain["coef"].abs().max().item())
     assert not torch.equal(mine["coef"], plain["coef"])  # the bfloat16 copy of d really is what backward used
+
+
+LAYOUTS = {  # 2 x 76,800 elements: both threads of the fused kernels get work
+    "contiguous": lambda t: t.reshape(4, 50, 384),
+    "channels_last": lambda t: t.reshape(4, 384, 10, 5).contiguous(memory_format=torch.channels_last),
+    "transposed": lambda t: t.reshape(4, 384, 50).transpose(1, 2),  # not dense in one order: the torch ops
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_fused_apg2_step_matches_the_torch_ops(layout, monkeypatch):
+    """_apg2.c against the torch ops it replaces: forward, the bfloat16 copy of d, and every gradient."""
+    g = torch.Generator().manual_seed(0)
+    y, fy, d, g_y1, g_d1 = [LAYOUTS[layout](torch.randn(4 * 50 * 384, generator=g)) for _ in range(5)]
+    t0, t1 = torch.tensor(0.55), torch.tensor(0.4)
+    assert schemes.fusable(y, fy, d) == (layout != "transposed")
+    if layout != "transposed":
+        y1, d1, saved = fused_forward(y, fy, d, t0, t1, save=True)
+        for mine, ref in zip((y1, d1), apg2_step(y, fy, d, t0, t1)):
+            torch.testing.assert_close(mine, ref, rtol=1e-6, atol=1e-6)
+            assert mine.stride() == ref.stride()
+        assert torch.equal(saved, d.to(torch.bfloat16))
+
+    def grads():
+        inputs = [t.clone().requires_grad_(True) for t in (y, fy, d, t0, t1)]
+        torch.autograd.backward(Apg2Step.apply(*inputs), (g_y1, g_d1))
+        return [t.grad for t in inputs]
+
+    fused, again = grads(), grads()
+    monkeypatch.setattr(schemes, "fusable", lambda *tensors: False)
+    for mine, same, ref in zip(fused, again, grads(), strict=True):
+        assert torch.equal(mine, same)  # per-thread sums added in a fixed order: repeatable
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("family", ["vit", "convnext"])

@@ -12,13 +12,23 @@ every backbone (ViT, isotropic ConvNeXt, the MLPs of the toy experiments) shares
 With every t_k = 1, apg2 computes exactly the gd network (z == x throughout), which is how a
 pretrained baseline warm-starts an apg2 model.
 """
-from typing import List, Sequence, Set, Tuple
+import ctypes
+from typing import List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.utils.checkpoint import checkpoint
 from timm.layers import calculate_drop_path_rates, drop_path
+
+from . import _apg2  # after torch: its OpenMP binds to torch's libgomp
+
+_lib = ctypes.CDLL(_apg2.__file__)
+_forward, _backward = _lib.apg2_forward, _lib.apg2_backward
+_forward.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_int]
+_backward.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_int,
+                                               ctypes.POINTER(ctypes.c_double)])
+_forward.restype = _backward.restype = None
 
 SCHEMES = ("gd", "hb", "nag", "apg2")
 
@@ -41,6 +51,31 @@ def apg2_step(y: torch.Tensor, fy: torch.Tensor, d: torch.Tensor, t0: torch.Tens
     return torch.addcmul(y + fy, d1, t1), d1
 
 
+def fusable(*tensors: torch.Tensor) -> bool:
+    """Whether `_apg2.c` can run the step: float32 CPU tensors of one shape and one dense layout, outside tracers and
+    torch.compile (which cannot see into a ctypes call; inductor fuses the torch ops itself)."""
+    y = tensors[0]
+    return (y.device.type == "cpu" and y.dtype == torch.float32
+            and (y.is_contiguous() or (y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last)))
+            and all(t.dtype == y.dtype and t.device == y.device and t.shape == y.shape and t.stride() == y.stride()
+                    for t in tensors[1:])
+            and not (is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling()))
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def fused_forward(y: torch.Tensor, fy: torch.Tensor, d: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor,
+                  save: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """`apg2_step` in one pass (`_apg2.c`); with `save`, also d in bfloat16 for backward."""
+    y1, d1 = torch.empty_like(y), torch.empty_like(d)
+    saved = torch.empty_like(d, dtype=torch.bfloat16) if save else None
+    _forward(y.data_ptr(), fy.data_ptr(), d.data_ptr(), y1.data_ptr(), d1.data_ptr(), _ptr(saved), y.numel(),
+             float(t0.detach()), float(t1.detach()), torch.get_num_threads())
+    return y1, d1, saved
+
+
 class Apg2Step(torch.autograd.Function):
     """`apg2_step` that saves one half-size tensor (d_k in bfloat16) for backward instead of three full ones.
 
@@ -51,17 +86,35 @@ class Apg2Step(torch.autograd.Function):
     model keeps d_k in bfloat16: every other gradient is exactly autograd's, and the gradients of the t_k (sums over
     the whole activation) differ from it by ~1e-3 relative. This brings the saved activations of ConvNeXt-iso,
     whose blocks keep ~12 activation-sized tensors, from 1.085x GD to ~1.04x.
+
+    Float32 CPU tensors take the fused kernels of `_apg2.c` both ways; anything else (CUDA, bfloat16, odd layouts)
+    the torch ops below, which compute the same.
     """
 
     @staticmethod
     def forward(ctx, y, fy, d, t0, t1):
-        y1, d1 = apg2_step(y, fy, d, t0, t1)
-        ctx.save_for_backward(y, y1, d.to(torch.bfloat16) if d.dtype == torch.float32 else d, t0, t1)
+        ctx.fused = fusable(y, fy, d)
+        if ctx.fused:
+            y1, d1, saved = fused_forward(y, fy, d, t0, t1, save=True)
+        else:
+            y1, d1 = apg2_step(y, fy, d, t0, t1)
+            saved = d.to(torch.bfloat16) if d.dtype == torch.float32 else d
+        ctx.save_for_backward(y, y1, saved, t0, t1)
         return y1, d1
 
     @staticmethod
     def backward(ctx, g_y1, g_d1):
         y, y1, d, t0, t1 = ctx.saved_tensors
+        if ctx.fused:  # gradients may arrive in the other dense layout (ConvNeXt's head gives NCHW): copy once
+            layout = torch.channels_last if y.dim() == 4 and not y.is_contiguous() else torch.contiguous_format
+            g_y1, g_d1 = g_y1.contiguous(memory_format=layout), g_d1.contiguous(memory_format=layout)
+        if ctx.fused and fusable(y, g_y1, g_d1):
+            g_fy = torch.empty_like(y)
+            g_d = torch.empty_like(y) if ctx.needs_input_grad[2] else None
+            g_t = (ctypes.c_double * 2)()
+            _backward(y.data_ptr(), y1.data_ptr(), d.data_ptr(), g_y1.data_ptr(), g_d1.data_ptr(), g_fy.data_ptr(),
+                      _ptr(g_d), y.numel(), float(t0.detach()), float(t1.detach()), torch.get_num_threads(), g_t)
+            return g_y1, g_fy, g_d, t0.new_tensor(g_t[0]), t1.new_tensor(g_t[1])
         d = d.to(y.dtype)
         fy = (y1 - y - t1 * (1 - t0) * d) / (1 + t1 * (1 - t0) / t0)
         d1 = (1 - t0) * (d + fy / t0)
@@ -136,9 +189,11 @@ class SchemeBlocks(nn.ModuleList):
     def apg2_step_lean(self, y: torch.Tensor, fy: torch.Tensor, d: torch.Tensor, t0: torch.Tensor,
                        t1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         # tracers (fx, fvcore) cannot see into a Function; without autograd there is nothing to save
-        if is_fx_symbolic_tracing() or torch.jit.is_tracing() or not torch.is_grad_enabled():
+        if is_fx_symbolic_tracing() or torch.jit.is_tracing():
             return apg2_step(y, fy, d, t0, t1)
-        return Apg2Step.apply(y, fy, d, t0, t1)
+        if torch.is_grad_enabled():
+            return Apg2Step.apply(y, fy, d, t0, t1)
+        return fused_forward(y, fy, d, t0, t1)[:2] if fusable(y, fy, d) else apg2_step(y, fy, d, t0, t1)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
