@@ -136,6 +136,8 @@ def test_benchmark_cli_smoke(capsys):
     table = format_table([gd, apg2]).splitlines()
     assert table[2].startswith("| optdnn_gd_vit_ti |") and table[4].startswith("| **apg2 / gd** |")
     assert f"**{apg2['saved_mb'] / gd['saved_mb']:.3f}**" in table[4]
+    mid, lo, hi = apg2["train_img_s_paired"]  # the median of the rounds' own ratios, not a ratio of medians
+    assert lo <= mid <= hi and f"**{mid:.3f}** ({lo:.2f}-{hi:.2f})" in table[4]
 
 
 def test_benchmark_rss_probe_subprocess():

@@ -5,7 +5,10 @@
 In the spirit of timm's benchmark.py: inference img/s (eval, inference_mode) and train-step img/s
 (forward, cross-entropy, backward, SGD step, as timm does), for the pair side by side in one
 process. The machine may be shared, so the two models are measured interleaved, in alternating
-order, `--repeats` times, and the median (and min-max) is reported with the ratio APG2 / GD.
+order, `--repeats` times, and the median (and min-max) is reported. The ratio APG2 / GD is the
+median (min-max) of each round's ratio, APG2 against the GD run seconds next to it. As in the
+trainer, glibc keeps freed memory for reuse (`retain_freed_memory`), so activations do not
+page-fault afresh on every step.
 
 Memory, measured two ways because CPU has no max_memory_allocated():
 - saved: the bytes autograd keeps for backward during a training forward pass (unique storages
@@ -29,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 
+from .data.loaders import retain_freed_memory
 from .flops import PUBLISHED, build
 
 MB = 2 ** 20
@@ -132,6 +136,7 @@ def benchmark(size: str, batch_size: int = 32, img_size: int = 224, repeats: int
         p.infer()
         p.train_step()
     runs: Dict[str, Dict[str, List[float]]] = {p.name: {} for p in pairs}
+    paired: Dict[str, List[float]] = {}
     for r in range(repeats):
         order = pairs if r % 2 == 0 else pairs[::-1]  # cancels drift in the machine's load
         for mode in ("infer", "train"):
@@ -139,6 +144,8 @@ def benchmark(size: str, batch_size: int = 32, img_size: int = 224, repeats: int
                 wall, cpu = images_per_second(p.infer if mode == "infer" else p.train_step, steps, batch_size)
                 runs[p.name].setdefault(f"{mode}_img_s", []).append(wall)
                 runs[p.name].setdefault(f"{mode}_img_cpu_s", []).append(cpu)
+        for key, v in runs[pairs[1].name].items():  # APG2 against the GD run next to it: drift cancels
+            paired.setdefault(key, []).append(v[-1] / runs[pairs[0].name][key][-1])
         log(f"{size} repeat {r + 1}/{repeats}: " + ", ".join(f"{p.name} " + " ".join(
             f"{k} {v[-1]:.2f}" for k, v in runs[p.name].items()) for p in pairs))
     rss_runs: Dict[str, List[float]] = {p.name: [] for p in pairs}
@@ -154,11 +161,16 @@ def benchmark(size: str, batch_size: int = 32, img_size: int = 224, repeats: int
             saved_mb=p.saved_bytes() / MB,
             params_mb=sum(q.numel() * q.element_size() for q in p.model.parameters()) / MB,
             rss_step_mb=statistics.median(rss_runs[p.name]) if rss else None))
+    results[1].update({f"{k}_paired": (statistics.median(v), min(v), max(v)) for k, v in paired.items()})
     return results
 
 
-def ratio(gd: Dict, apg2: Dict, key: str) -> Optional[float]:
-    return apg2[key] / gd[key] if gd[key] and apg2[key] is not None else None
+def ratio(gd: Dict, apg2: Dict, key: str) -> str:
+    """APG2 / GD: for speeds the median (min-max) of the rounds' paired ratios, for memory the plain ratio."""
+    if f"{key}_paired" in apg2:
+        mid, lo, hi = apg2[f"{key}_paired"]
+        return f"**{mid:.3f}** ({lo:.2f}-{hi:.2f})"
+    return "-" if not gd[key] or apg2[key] is None else f"**{apg2[key] / gd[key]:.3f}**"
 
 
 COLUMNS = {  # result key -> table header
@@ -177,8 +189,7 @@ def format_rows(gd: Dict, apg2: Dict) -> str:
         return f"{r[key]:.2f} ({lo_hi[0]:.2f}-{lo_hi[1]:.2f})" if lo_hi else f"{r[key]:.1f}"
 
     lines = [f"| {r['model']} | " + " | ".join(cell(r, k) for k in COLUMNS) + " |" for r in (gd, apg2)]
-    ratios = [ratio(gd, apg2, k) for k in COLUMNS]
-    lines.append("| **apg2 / gd** | " + " | ".join("-" if v is None else f"**{v:.3f}**" for v in ratios) + " |")
+    lines.append("| **apg2 / gd** | " + " | ".join(ratio(gd, apg2, k) for k in COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -210,6 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if unknown:
         parser.error(f"unknown model size(s) {unknown}; choose from {list(PUBLISHED)}")
     torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as the trainer runs (create_loaders): freed activations are reused, not page-faulted anew
     if args.probe_rss:
         return probe_rss(args.probe_rss, args.batch_size, args.img_size)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731  progress, off the table's stdout
