@@ -10,6 +10,11 @@ median (min-max) of each round's ratio, APG2 against the GD run seconds next to 
 trainer, glibc keeps freed memory for reuse (`retain_freed_memory`), so activations do not
 page-fault afresh on every step.
 
+What APG2 adds is only the scheme's update between blocks, a few ms per step, which the whole steps' noise
+on a shared machine (+-10-15% per step here) hides. So the update is also timed alone: the same driver over
+branches that replay a stored F(y) at the model's state shape (`update_ms`), and the ratio row gives the speed
+ratio that difference implies on the GD twin's step time.
+
 Memory, measured two ways because CPU has no max_memory_allocated():
 - saved: the bytes autograd keeps for backward during a training forward pass (unique storages
   seen by `torch.autograd.graph.saved_tensors_hooks`, parameters excluded). This is what the
@@ -34,6 +39,7 @@ from timm.optim import create_optimizer_v2
 
 from .data.loaders import retain_freed_memory
 from .flops import PUBLISHED, build
+from .models.schemes import SchemeBlocks
 
 MB = 2 ** 20
 
@@ -80,6 +86,55 @@ def saved_bytes(model: nn.Module, forward: Callable[[], Any]) -> int:
         out = forward()
     del out  # frees the graph; nothing else to run
     return sum(saved.values())
+
+
+class Replay(nn.Module):
+    """A branch whose F(y) is a stored tensor, so SchemeBlocks over these runs the scheme's own update and nothing else."""
+
+    def __init__(self, out: torch.Tensor):
+        super().__init__()
+        self.out = nn.Parameter(out)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.out
+
+
+def update_ms(pairs: Sequence[Pair], rounds: int) -> Dict[str, Dict[str, float]]:
+    """Milliseconds per batch that each model's scheme update costs (the driver over all blocks, forward, and in
+    training backward too), the branches replaced by `Replay` at the model's state shape and layout: median of
+    `rounds` interleaved runs. Over a few ms this is far steadier here than the whole steps, whose difference it is."""
+    state: List[torch.Tensor] = []
+    with torch.no_grad():
+        hook = pairs[0].model.blocks.register_forward_pre_hook(lambda m, args: state.append(args[0]))
+        pairs[0].model(pairs[0].x)
+        hook.remove()
+    x = state[0]
+    drivers = []
+    for p in pairs:
+        blocks = p.model.blocks
+        replay = SchemeBlocks([Replay(torch.randn_like(x)) for _ in blocks], blocks.scheme)
+        if blocks.scheme != "gd":
+            replay.coef = blocks.coef
+        drivers.append(replay)
+    grad = torch.randn_like(x)
+
+    def infer(d: nn.Module) -> None:
+        with torch.inference_mode():
+            d(x)
+
+    def train(d: nn.Module) -> None:
+        d.zero_grad(set_to_none=True)
+        d(x).backward(grad)
+
+    times: Dict[str, Dict[str, List[float]]] = {p.name: {"infer": [], "train": []} for p in pairs}
+    for r in range(rounds + 2):  # 2 warm-up rounds
+        for mode, fn in (("infer", infer), ("train", train)):
+            for p, d in zip(pairs, drivers) if r % 2 == 0 else zip(pairs[::-1], drivers[::-1]):
+                t = time.perf_counter()
+                fn(d)
+                if r >= 2:
+                    times[p.name][mode].append((time.perf_counter() - t) * 1e3)
+    return {name: {mode: statistics.median(v) for mode, v in by_mode.items()} for name, by_mode in times.items()}
 
 
 def images_per_second(fn: Callable[[], None], steps: int, batch_size: int) -> Tuple[float, float]:
@@ -148,6 +203,7 @@ def benchmark(size: str, batch_size: int = 32, img_size: int = 224, repeats: int
             paired.setdefault(key, []).append(v[-1] / runs[pairs[0].name][key][-1])
         log(f"{size} repeat {r + 1}/{repeats}: " + ", ".join(f"{p.name} " + " ".join(
             f"{k} {v[-1]:.2f}" for k, v in runs[p.name].items()) for p in pairs))
+    update = update_ms(pairs, rounds=max(20, repeats))
     rss_runs: Dict[str, List[float]] = {p.name: [] for p in pairs}
     for r in range(repeats if rss else 0):  # one probe's growth varies by +-60-90 MiB: median of interleaved probes
         for p in pairs if r % 2 == 0 else pairs[::-1]:
@@ -159,6 +215,7 @@ def benchmark(size: str, batch_size: int = 32, img_size: int = 224, repeats: int
             **{k: statistics.median(v) for k, v in runs[p.name].items()},
             **{f"{k}_range": (min(v), max(v)) for k, v in runs[p.name].items()},
             saved_mb=p.saved_bytes() / MB,
+            update_infer_ms=update[p.name]["infer"], update_train_ms=update[p.name]["train"],
             params_mb=sum(q.numel() * q.element_size() for q in p.model.parameters()) / MB,
             rss_step_mb=statistics.median(rss_runs[p.name]) if rss else None))
     results[1].update({f"{k}_paired": (statistics.median(v), min(v), max(v)) for k, v in paired.items()})
@@ -166,7 +223,12 @@ def benchmark(size: str, batch_size: int = 32, img_size: int = 224, repeats: int
 
 
 def ratio(gd: Dict, apg2: Dict, key: str) -> str:
-    """APG2 / GD: for speeds the median (min-max) of the rounds' paired ratios, for memory the plain ratio."""
+    """APG2 / GD: for speeds the median (min-max) of the rounds' paired ratios, for memory the plain ratio; for the
+    update's cost the speed ratio it implies if the steps differed by that alone: t_gd / (t_gd + apg2 - gd)."""
+    if key.startswith("update_"):
+        mode = key.split("_")[1]
+        step_ms = 1e3 * gd["batch_size"] / gd[f"{mode}_img_s"]
+        return f"implied **{step_ms / (step_ms + apg2[key] - gd[key]):.3f}**"
     if f"{key}_paired" in apg2:
         mid, lo, hi = apg2[f"{key}_paired"]
         return f"**{mid:.3f}** ({lo:.2f}-{hi:.2f})"
@@ -177,6 +239,7 @@ COLUMNS = {  # result key -> table header
     "infer_img_s": "infer img/s", "infer_img_cpu_s": "infer img/CPU-s",
     "train_img_s": "train img/s", "train_img_cpu_s": "train img/CPU-s",
     "saved_mb": "saved for backward (MiB)", "rss_step_mb": "train-step peak RSS growth (MiB)",
+    "update_infer_ms": "scheme update, infer (ms/batch)", "update_train_ms": "scheme update, train (ms/step)",
 }
 
 
@@ -186,7 +249,7 @@ def format_rows(gd: Dict, apg2: Dict) -> str:
         if r[key] is None:
             return "-"
         lo_hi = r.get(f"{key}_range")
-        return f"{r[key]:.2f} ({lo_hi[0]:.2f}-{lo_hi[1]:.2f})" if lo_hi else f"{r[key]:.1f}"
+        return f"{r[key]:.2f} ({lo_hi[0]:.2f}-{lo_hi[1]:.2f})" if lo_hi else f"{r[key]:.{1 if key.endswith('_mb') else 2}f}"
 
     lines = [f"| {r['model']} | " + " | ".join(cell(r, k) for k in COLUMNS) + " |" for r in (gd, apg2)]
     lines.append("| **apg2 / gd** | " + " | ".join(ratio(gd, apg2, k) for k in COLUMNS) + " |")
