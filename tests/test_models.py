@@ -143,9 +143,11 @@ LAYOUTS = {  # 2 x 76,800 elements: both threads of the fused kernels get work
 }
 
 
+@pytest.mark.parametrize("d_used", [True, False], ids=["d_used", "last_step"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_fused_apg2_step_matches_the_torch_ops(layout, monkeypatch):
-    """_apg2.c against the torch ops it replaces: forward, the bfloat16 copy of d, and every gradient."""
+def test_fused_apg2_step_matches_the_torch_ops(layout, d_used, monkeypatch):
+    """_apg2.c against the torch ops it replaces: forward, the bfloat16 copy of d, and every gradient (also when d'
+    reaches nothing, as after the last step: its gradient is None, not zeros)."""
     g = torch.Generator().manual_seed(0)
     y, fy, d, g_y1, g_d1 = [LAYOUTS[layout](torch.randn(4 * 50 * 384, generator=g)) for _ in range(5)]
     t0, t1 = torch.tensor(0.55), torch.tensor(0.4)
@@ -159,7 +161,8 @@ def test_fused_apg2_step_matches_the_torch_ops(layout, monkeypatch):
 
     def grads():
         inputs = [t.clone().requires_grad_(True) for t in (y, fy, d, t0, t1)]
-        torch.autograd.backward(Apg2Step.apply(*inputs), (g_y1, g_d1))
+        y1, d1 = Apg2Step.apply(*inputs)
+        torch.autograd.backward((y1, d1) if d_used else y1, (g_y1, g_d1) if d_used else g_y1)
         return [t.grad for t in inputs]
 
     fused, again = grads(), grads()

@@ -71,7 +71,7 @@ static void backward_chunk(const float *y, const float *y1, const uint16_t *save
     for (int64_t i = lo; i < hi; i++) {
         float dk = saved ? from_bf16(saved[i]) : 0.0f;
         float f = ((y1[i] - y[i]) - c * dk) * inv_scale;
-        float g = gd1[i] + t1 * gy1[i];
+        float g = (gd1 ? gd1[i] : 0.0f) + t1 * gy1[i];
         s0 += (double)(g * (dk + f / t0sq));
         s1 += (double)(gy1[i] * ((dk + f / t0) * a));
         gfy[i] = gy1[i] + g * b;
@@ -81,7 +81,8 @@ static void backward_chunk(const float *y, const float *y1, const uint16_t *save
     sums[1] = s1;
 }
 
-/* Gradients of F(y) into `gfy` and of d into `gd` (NULL: not needed); grad_t[0], grad_t[1] get those of t0, t1.
+/* Gradients of F(y) into `gfy` and of d into `gd` (NULL: not needed), from those of y' and d' (`gd1` NULL: d' is
+ * unused, the last step); grad_t[0], grad_t[1] get those of t0, t1.
  * Per-thread sums are added in thread order, so a run is repeatable for a given thread count. */
 void apg2_backward(const float *y, const float *y1, const uint16_t *saved, const float *gy1, const float *gd1,
                    float *gfy, float *gd, int64_t n, float t0, float t1, int threads, double *grad_t) {

@@ -93,6 +93,7 @@ class Apg2Step(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, fy, d, t0, t1):
+        ctx.set_materialize_grads(False)  # the last step's d' is unused: no zeros for its gradient at backward's peak
         ctx.fused = fusable(y, fy, d)
         if ctx.fused:
             y1, d1, saved = fused_forward(y, fy, d, t0, t1, save=True)
@@ -107,18 +108,19 @@ class Apg2Step(torch.autograd.Function):
         y, y1, d, t0, t1 = ctx.saved_tensors
         if ctx.fused:  # gradients may arrive in the other dense layout (ConvNeXt's head gives NCHW): copy once
             layout = torch.channels_last if y.dim() == 4 and not y.is_contiguous() else torch.contiguous_format
-            g_y1, g_d1 = g_y1.contiguous(memory_format=layout), g_d1.contiguous(memory_format=layout)
-        if ctx.fused and fusable(y, g_y1, g_d1):
+            g_y1 = g_y1.contiguous(memory_format=layout)
+            g_d1 = None if g_d1 is None else g_d1.contiguous(memory_format=layout)
+        if ctx.fused and fusable(y, g_y1, *([] if g_d1 is None else [g_d1])):
             g_fy = torch.empty_like(y)
             g_d = torch.empty_like(y) if ctx.needs_input_grad[2] else None
             g_t = (ctypes.c_double * 2)()
-            _backward(y.data_ptr(), y1.data_ptr(), d.data_ptr(), g_y1.data_ptr(), g_d1.data_ptr(), g_fy.data_ptr(),
+            _backward(y.data_ptr(), y1.data_ptr(), d.data_ptr(), g_y1.data_ptr(), _ptr(g_d1), g_fy.data_ptr(),
                       _ptr(g_d), y.numel(), float(t0.detach()), float(t1.detach()), torch.get_num_threads(), g_t)
             return g_y1, g_fy, g_d, t0.new_tensor(g_t[0]), t1.new_tensor(g_t[1])
         d = d.to(y.dtype)
         fy = (y1 - y - t1 * (1 - t0) * d) / (1 + t1 * (1 - t0) / t0)
         d1 = (1 - t0) * (d + fy / t0)
-        g_d1 = g_d1 + t1 * g_y1  # d' reaches the loss directly and through y'
+        g_d1 = t1 * g_y1 if g_d1 is None else g_d1 + t1 * g_y1  # d' reaches the loss directly and through y'
         g_t0 = -(g_d1 * (d + fy / (t0 * t0))).sum()
         return g_y1, g_y1 + g_d1 * ((1 - t0) / t0), g_d1 * (1 - t0), g_t0, (g_y1 * d1).sum()
 
