@@ -13,6 +13,7 @@ import torch
 
 from timm_optdnn.benchmark import Pair, format_table, measure_rss
 from timm_optdnn.benchmark import main as bench_main
+from timm_optdnn.models import schemes
 from timm_optdnn.flops import PUBLISHED, build, count, main, profile
 
 pytestmark = pytest.mark.timeout(120)
@@ -138,6 +139,15 @@ def test_benchmark_cli_smoke(capsys):
     assert f"**{apg2['saved_mb'] / gd['saved_mb']:.3f}**" in table[4]
     mid, lo, hi = apg2["train_img_s_paired"]  # the median of the rounds' own ratios, not a ratio of medians
     assert lo <= mid <= hi and f"**{mid:.3f}** ({lo:.2f}-{hi:.2f})" in table[4]
+
+
+def test_benchmark_unfused_runs_the_torch_ops(capsys, monkeypatch):
+    monkeypatch.setattr(schemes, "FUSED", True)  # main() sets it for its process; restored after the test
+    calls = []
+    monkeypatch.setattr(schemes, "fused_forward", lambda *a, **k: calls.append(1))
+    bench_main(["vit_ti", "--img-size", "32", "--batch-size", "2", "--repeats", "1", "--steps", "1",
+                "--threads", "1", "--no-rss", "--format", "json", "--unfused"])
+    assert not schemes.FUSED and not calls and "apg2 step in torch ops" in capsys.readouterr().err
 
 
 def test_benchmark_rss_probe_subprocess():

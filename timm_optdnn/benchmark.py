@@ -39,6 +39,7 @@ from timm.optim import create_optimizer_v2
 
 from .data.loaders import retain_freed_memory
 from .flops import PUBLISHED, build
+from .models import schemes
 from .models.schemes import SchemeBlocks
 
 MB = 2 ** 20
@@ -176,7 +177,7 @@ def probe_rss(name: str, batch_size: int, img_size: int) -> None:
 
 def measure_rss(name: str, batch_size: int, img_size: int, threads: int) -> float:
     cmd = [sys.executable, "-m", "timm_optdnn.benchmark", "--probe-rss", name, "--batch-size", str(batch_size),
-           "--img-size", str(img_size), "--threads", str(threads)]
+           "--img-size", str(img_size), "--threads", str(threads)] + ([] if schemes.FUSED else ["--unfused"])
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"RSS probe of {name} failed:\n{r.stderr}")
@@ -274,6 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    parser.add_argument("--unfused", action="store_true", help="run the apg2 step in torch ops, not _apg2.c")
     parser.add_argument("--format", choices=("table", "json"), default="table")
     parser.add_argument("--probe-rss", metavar="MODEL", help=argparse.SUPPRESS)  # the RSS subprocess
     args = parser.parse_args(argv)
@@ -284,12 +286,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if unknown:
         parser.error(f"unknown model size(s) {unknown}; choose from {list(PUBLISHED)}")
     torch.set_num_threads(args.threads)
+    schemes.FUSED = not args.unfused
     retain_freed_memory()  # as the trainer runs (create_loaders): freed activations are reused, not page-faulted anew
     if args.probe_rss:
         return probe_rss(args.probe_rss, args.batch_size, args.img_size)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731  progress, off the table's stdout
     log(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size} at {args.img_size} px, "
-        f"{args.repeats} x {args.steps} steps, load average {open('/proc/loadavg').read().split()[:3]}")
+        f"{args.repeats} x {args.steps} steps, apg2 step {'fused' if schemes.FUSED else 'in torch ops'}, "
+        f"load average {open('/proc/loadavg').read().split()[:3]}")
     if args.format == "table":  # one pair at a time: a long run shows what it has measured so far
         print(TABLE_HEADER, flush=True)
     results = []

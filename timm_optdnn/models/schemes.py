@@ -51,11 +51,14 @@ def apg2_step(y: torch.Tensor, fy: torch.Tensor, d: torch.Tensor, t0: torch.Tens
     return torch.addcmul(y + fy, d1, t1), d1
 
 
+FUSED = True  # False: the apg2 step always in torch ops (what CUDA and bfloat16 run; the benchmark's --unfused)
+
+
 def fusable(*tensors: torch.Tensor) -> bool:
     """Whether `_apg2.c` can run the step: float32 CPU tensors of one shape and one dense layout, outside tracers and
     torch.compile (which cannot see into a ctypes call; inductor fuses the torch ops itself)."""
     y = tensors[0]
-    return (y.device.type == "cpu" and y.dtype == torch.float32
+    return (FUSED and y.device.type == "cpu" and y.dtype == torch.float32
             and (y.is_contiguous() or (y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last)))
             and all(t.dtype == y.dtype and t.device == y.device and t.shape == y.shape and t.stride() == y.stride()
                     for t in tensors[1:])
