@@ -124,7 +124,7 @@ def test_apg2_float32_keeps_d_in_bfloat16_for_the_coefficients_only():
     grads = []
     for lean in (True, False):
         if not lean:
-            blocks.apg2_step_lean = apg2_step  # the instance attribute shadows the method
+            blocks.apg2_step_lean = lambda y, fy, d, t0, t1, k: apg2_step(y, fy, d, t0, t1)  # shadows the method
         blocks.zero_grad()
         blocks(x).sin().sum().backward()
         grads.append({n: p.grad.clone() for n, p in blocks.named_parameters()})
@@ -158,6 +158,10 @@ def test_fused_apg2_step_matches_the_torch_ops(layout, d_used, monkeypatch):
             torch.testing.assert_close(mine, ref, rtol=1e-6, atol=1e-6)
             assert mine.stride() == ref.stride()
         assert torch.equal(saved, d.to(torch.bfloat16))
+        y_, d_ = y.clone(), d.clone()  # inference's in-place step: the same numbers, written over its inputs
+        out = fused_forward(y_, fy, d_, t0, t1, in_place=True)
+        assert out[0] is y_ and out[1] is d_
+        assert torch.equal(y_, y1) and torch.equal(d_, d1)
 
     def grads():
         inputs = [t.clone().requires_grad_(True) for t in (y, fy, d, t0, t1)]
@@ -170,6 +174,28 @@ def test_fused_apg2_step_matches_the_torch_ops(layout, d_used, monkeypatch):
     for mine, same, ref in zip(fused, again, grads(), strict=True):
         assert torch.equal(mine, same)  # per-thread sums added in a fixed order: repeatable
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_apg2_inference_overwrites_only_its_own_state(monkeypatch):
+    """Inference writes y', d' over y, d: the same output as training's step, the caller's input untouched, and
+    never a block input that a hook may keep (y_2 below)."""
+    blocks = SchemeBlocks([Lin(k) for k in range(5)], scheme="apg2")
+    x = torch.randn(20000, 4)  # 80,000 elements: both threads of the kernel get work
+    x0, ref, seen, in_place = x.clone(), [], [], []
+    blocks[2].register_forward_pre_hook(lambda m, args: ref.append(args[0].clone()))
+    expected = blocks(x).detach()  # autograd on: Apg2Step, fresh tensors
+    blocks[2].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    fused = schemes.fused_forward
+    monkeypatch.setattr(schemes, "fused_forward", lambda *a, **kw: in_place.append(kw["in_place"]) or fused(*a, **kw))
+    with torch.inference_mode():
+        assert torch.equal(blocks(x), expected)
+    assert in_place == [False, True, False, True]  # y_0 is the caller's, block 2 is hooked
+    assert torch.equal(x, x0) and torch.equal(seen[0], ref[0])
+    blocks[2]._forward_pre_hooks.clear()
+    in_place.clear()
+    with torch.no_grad():
+        assert torch.equal(blocks(x), expected)
+    assert in_place == [False, True, True, True]
 
 
 @pytest.mark.parametrize("family", ["vit", "convnext"])

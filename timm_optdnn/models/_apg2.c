@@ -44,16 +44,18 @@ __attribute__((target_clones("avx512f", "avx2", "default")))
 static void forward_chunk(const float *y, const float *fy, const float *d, float *y1, float *d1, uint16_t *saved,
                           int64_t lo, int64_t hi, float t0, float t1) {
     const float a = 1.0f - t0;
+#pragma GCC ivdep  /* outputs are separate from the inputs or the same arrays (in place): no overlap across i */
     for (int64_t i = lo; i < hi; i++) {
-        float dk = d ? d[i] : 0.0f;
-        float dn = (dk + fy[i] / t0) * a;
+        float yi = y[i], fi = fy[i], dk = d ? d[i] : 0.0f;
+        float dn = (dk + fi / t0) * a;
         d1[i] = dn;
-        y1[i] = (y[i] + fy[i]) + dn * t1;
+        y1[i] = (yi + fi) + dn * t1;
         if (saved) saved[i] = to_bf16(dk);
     }
 }
 
-/* y' and d' from y, F(y) and d (NULL: d = 0, the first step); `saved` (NULL: not needed) gets d in bfloat16. */
+/* y' and d' from y, F(y) and d (NULL: d = 0, the first step); `saved` (NULL: not needed) gets d in bfloat16.
+ * y1 may be y and d1 may be d (inference writes the new state over the old); any other overlap is undefined. */
 void apg2_forward(const float *y, const float *fy, const float *d, float *y1, float *d1, uint16_t *saved, int64_t n,
                   float t0, float t1, int threads) {
     threads = threads_for(n, threads);
