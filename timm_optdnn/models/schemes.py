@@ -209,9 +209,9 @@ class SchemeBlocks(nn.ModuleList):
             return Apg2Step.apply(y, fy, d, t0, t1)
         if not fusable(y, fy, d):
             return apg2_step(y, fy, d, t0, t1)
-        # Inference writes the new state over the old, as gd's x + F(x) leaves one fresh tensor per block, not two
-        # (measured: ViT-Ti inference 0.98x gd with fresh y', d'; 1.00x in place). y_0 is the caller's tensor, and
-        # a hook on branch k may keep y_k: those are never overwritten. d is the driver's own.
+        # Inference writes the new state over the old: a block then leaves one fresh tensor, as gd's x + F(x) does,
+        # not two (docs/models.md). y_0 is the caller's tensor and a hook on branch k may keep y_k: those are never
+        # overwritten. d is the driver's own.
         return fused_forward(y, fy, d, t0, t1, in_place=k > 0 and not _hooked(self[k]))[:2]
 
     @torch.jit.ignore
