@@ -151,22 +151,28 @@ def test_fused_apg2_step_matches_the_torch_ops(layout, d_used, monkeypatch):
     g = torch.Generator().manual_seed(0)
     y, fy, d, g_y1, g_d1 = [LAYOUTS[layout](torch.randn(4 * 50 * 384, generator=g)) for _ in range(5)]
     t0, t1 = torch.tensor(0.55), torch.tensor(0.4)
-    assert schemes.fusable(y, fy, d) == (layout != "transposed")
-    if layout != "transposed":
-        y1, d1, saved = fused_forward(y, fy, d, t0, t1, save=True)
+    fusable = schemes.fusable(y, fy, d)
+    assert fusable == (layout != "transposed")
+    if fusable:
+        d_ = d.clone()
+        y1, d1, saved = fused_forward(y, fy, d_, t0, t1, save=True)
+        assert d1 is d_  # d' always takes d's place: the driver's own state
         for mine, ref in zip((y1, d1), apg2_step(y, fy, d, t0, t1)):
             torch.testing.assert_close(mine, ref, rtol=1e-6, atol=1e-6)
             assert mine.stride() == ref.stride()
         assert torch.equal(saved, d.to(torch.bfloat16))
-        y_, d_ = y.clone(), d.clone()  # inference's in-place step: the same numbers, written over its inputs
-        out = fused_forward(y_, fy, d_, t0, t1, in_place=True)
+        y_, d_ = y.clone(), d.clone()  # inference's step: the same numbers, y' written over y too
+        out = fused_forward(y_, fy, d_, t0, t1, y_in_place=True)
         assert out[0] is y_ and out[1] is d_
         assert torch.equal(y_, y1) and torch.equal(d_, d1)
 
     def grads():
         inputs = [t.clone().requires_grad_(True) for t in (y, fy, d, t0, t1)]
-        y1, d1 = Apg2Step.apply(*inputs)
-        torch.autograd.backward((y1, d1) if d_used else y1, (g_y1, g_d1) if d_used else g_y1)
+        state = inputs[2].clone()  # as in the driver, d is an earlier step's output, not a leaf
+        y1, d1 = Apg2Step.apply(*inputs[:2], state, *inputs[3:])
+        assert (d1.data_ptr() == state.data_ptr()) == (fusable and schemes.FUSED)
+        # clones: the fused backward writes the gradient of d over that of d', which in the driver is its own
+        torch.autograd.backward((y1, d1) if d_used else y1, (g_y1, g_d1.clone()) if d_used else g_y1)
         return [t.grad for t in inputs]
 
     fused, again = grads(), grads()
@@ -177,8 +183,8 @@ def test_fused_apg2_step_matches_the_torch_ops(layout, d_used, monkeypatch):
 
 
 def test_apg2_inference_overwrites_only_its_own_state(monkeypatch):
-    """Inference writes y', d' over y, d: the same output as training's step, the caller's input untouched, and
-    never a block input that a hook may keep (y_2 below)."""
+    """Inference writes y' over y (d' always takes d's place): the same output as training's step, the caller's input
+    untouched, and never a block input that a hook may keep (y_2 below)."""
     blocks = SchemeBlocks([Lin(k) for k in range(5)], scheme="apg2")
     x = torch.randn(20000, 4)  # 80,000 elements: both threads of the kernel get work
     x0, ref, seen, in_place = x.clone(), [], [], []
@@ -186,7 +192,7 @@ def test_apg2_inference_overwrites_only_its_own_state(monkeypatch):
     expected = blocks(x).detach()  # autograd on: Apg2Step, fresh tensors
     blocks[2].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     fused = schemes.fused_forward
-    monkeypatch.setattr(schemes, "fused_forward", lambda *a, **kw: in_place.append(kw["in_place"]) or fused(*a, **kw))
+    monkeypatch.setattr(schemes, "fused_forward", lambda *a, **kw: in_place.append(kw["y_in_place"]) or fused(*a, **kw))
     with torch.inference_mode():
         assert torch.equal(blocks(x), expected)
     assert in_place == [False, True, False, True]  # y_0 is the caller's, block 2 is hooked

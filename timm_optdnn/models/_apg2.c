@@ -55,7 +55,7 @@ static void forward_chunk(const float *y, const float *fy, const float *d, float
 }
 
 /* y' and d' from y, F(y) and d (NULL: d = 0, the first step); `saved` (NULL: not needed) gets d in bfloat16.
- * y1 may be y and d1 may be d (inference writes the new state over the old); any other overlap is undefined. */
+ * d1 may be d (schemes.py always writes d' over d) and y1 may be y (inference); any other overlap is undefined. */
 void apg2_forward(const float *y, const float *fy, const float *d, float *y1, float *d1, uint16_t *saved, int64_t n,
                   float t0, float t1, int threads) {
     threads = threads_for(n, threads);
@@ -69,7 +69,7 @@ static void backward_chunk(const float *y, const float *y1, const uint16_t *save
                            float *gfy, float *gd, int64_t lo, int64_t hi, float t0, float t1, double *sums) {
     const float a = 1.0f - t0, b = a / t0, c = t1 * a, inv_scale = 1.0f / (1.0f + t1 * b), t0sq = t0 * t0;
     double s0 = 0.0, s1 = 0.0;
-#pragma omp simd reduction(+ : s0, s1)
+#pragma omp simd reduction(+ : s0, s1)  /* gd1[i] is read before gd[i] is written: gd may be gd1 */
     for (int64_t i = lo; i < hi; i++) {
         float dk = saved ? from_bf16(saved[i]) : 0.0f;
         float f = ((y1[i] - y[i]) - c * dk) * inv_scale;
@@ -84,7 +84,7 @@ static void backward_chunk(const float *y, const float *y1, const uint16_t *save
 }
 
 /* Gradients of F(y) into `gfy` and of d into `gd` (NULL: not needed), from those of y' and d' (`gd1` NULL: d' is
- * unused, the last step); grad_t[0], grad_t[1] get those of t0, t1.
+ * unused, the last step); grad_t[0], grad_t[1] get those of t0, t1. gd may be gd1; any other overlap is undefined.
  * Per-thread sums are added in thread order, so a run is repeatable for a given thread count. */
 void apg2_backward(const float *y, const float *y1, const uint16_t *saved, const float *gy1, const float *gd1,
                    float *gfy, float *gd, int64_t n, float t0, float t1, int threads, double *grad_t) {

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 from timm.layers import calculate_drop_path_rates, drop_path
 
@@ -71,15 +72,16 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
 
 
 def fused_forward(y: torch.Tensor, fy: torch.Tensor, d: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor,
-                  save: bool = False, in_place: bool = False
+                  save: bool = False, y_in_place: bool = False
                   ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """`apg2_step` in one pass (`_apg2.c`); with `save`, also d in bfloat16 for backward; with `in_place`, y' and d'
-    are written over y and d (no autograd may hold them)."""
-    y1, d1 = (y, d) if in_place else (torch.empty_like(y), torch.empty_like(d))
+    """`apg2_step` in one pass (`_apg2.c`). d' is written over d, the driver's own state, which nothing else keeps
+    (so a block leaves the heap one fresh state tensor, as gd's x + F(x) does, and no hole where d was); with
+    `y_in_place`, y' over y too (no autograd or hook may hold y); with `save`, d in bfloat16 is returned for backward."""
+    y1 = y if y_in_place else torch.empty_like(y)
     saved = torch.empty_like(d, dtype=torch.bfloat16) if save else None
-    _forward(y.data_ptr(), fy.data_ptr(), d.data_ptr(), y1.data_ptr(), d1.data_ptr(), _ptr(saved), y.numel(),
+    _forward(y.data_ptr(), fy.data_ptr(), d.data_ptr(), y1.data_ptr(), d.data_ptr(), _ptr(saved), y.numel(),
              float(t0.detach()), float(t1.detach()), torch.get_num_threads())
-    return y1, d1, saved
+    return y1, d, saved
 
 
 class Apg2Step(torch.autograd.Function):
@@ -103,6 +105,7 @@ class Apg2Step(torch.autograd.Function):
         ctx.fused = fusable(y, fy, d)
         if ctx.fused:
             y1, d1, saved = fused_forward(y, fy, d, t0, t1, save=True)
+            ctx.mark_dirty(d1)
         else:
             y1, d1 = apg2_step(y, fy, d, t0, t1)
             saved = d.to(torch.bfloat16) if d.dtype == torch.float32 else d
@@ -110,6 +113,7 @@ class Apg2Step(torch.autograd.Function):
         return y1, d1
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_y1, g_d1):
         y, y1, d, t0, t1 = ctx.saved_tensors
         if ctx.fused:  # gradients may arrive in the other dense layout (ConvNeXt's head gives NCHW): copy once
@@ -118,7 +122,8 @@ class Apg2Step(torch.autograd.Function):
             g_d1 = None if g_d1 is None else g_d1.contiguous(memory_format=layout)
         if ctx.fused and fusable(y, g_y1, *([] if g_d1 is None else [g_d1])):
             g_fy = torch.empty_like(y)
-            g_d = torch.empty_like(y) if ctx.needs_input_grad[2] else None
+            # g_d' is ours alone (d' feeds only the next step), so g_d can take its place
+            g_d = None if not ctx.needs_input_grad[2] else torch.empty_like(y) if g_d1 is None else g_d1
             g_t = (ctypes.c_double * 2)()
             _backward(y.data_ptr(), y1.data_ptr(), d.data_ptr(), g_y1.data_ptr(), _ptr(g_d1), g_fy.data_ptr(),
                       _ptr(g_d), y.numel(), float(t0.detach()), float(t1.detach()), torch.get_num_threads(), g_t)
@@ -212,7 +217,7 @@ class SchemeBlocks(nn.ModuleList):
         # Inference writes the new state over the old: a block then leaves one fresh tensor, as gd's x + F(x) does,
         # not two (docs/models.md). y_0 is the caller's tensor and a hook on branch k may keep y_k: those are never
         # overwritten. d is the driver's own.
-        return fused_forward(y, fy, d, t0, t1, in_place=k > 0 and not _hooked(self[k]))[:2]
+        return fused_forward(y, fy, d, t0, t1, y_in_place=k > 0 and not _hooked(self[k]))[:2]
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
