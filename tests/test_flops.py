@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from timm_optdnn.benchmark import Pair, format_table, measure_rss
+from timm_optdnn.benchmark import MB, Pair, format_table, measure_rss, peak_live_bytes
 from timm_optdnn.benchmark import main as bench_main
 from timm_optdnn.models import schemes
 from timm_optdnn.flops import PUBLISHED, build, count, main, profile
@@ -153,7 +153,19 @@ def test_benchmark_unfused_runs_the_torch_ops(capsys, monkeypatch):
 def test_benchmark_rss_probe_subprocess():
     # big enough that the steps really grow RSS: at batch 2, 32 px the growth was 0.02-25 MiB, and the kernel's
     # per-thread RSS counters (off by up to 64 pages each) once made it -0.1 MiB in CI; here 29-56 MiB
-    assert 0 < measure_rss("optdnn_gd_vit_ti", 16, 64, 1) < 1024
+    rss, live = measure_rss("optdnn_gd_vit_ti", 16, 64, 1)
+    assert 0 < rss < 1024 and 0 < live < 1024
+
+
+def test_peak_live_bytes_is_the_most_alive_at_once():
+    def one_at_a_time():
+        for _ in range(3):
+            torch.ones(MB // 4)  # 1 MiB, freed before the next
+
+    def all_at_once():
+        return [torch.ones(MB // 4) for _ in range(3)]
+
+    assert (peak_live_bytes(one_at_a_time), peak_live_bytes(all_at_once)) == (MB, 3 * MB)
 
 
 @pytest.mark.parametrize("args, message", [(["vit_xl"], "unknown model size(s) ['vit_xl']"),

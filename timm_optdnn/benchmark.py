@@ -23,6 +23,9 @@ Memory, measured two ways because CPU has no max_memory_allocated():
   resident memory (VmHWM) minus its RSS just before the first step: activations, grads, SGD
   momentum, backward temporaries, allocator and oneDNN scratch, all included. `--repeats` probes
   per model, interleaved with the twin's; the median is reported.
+- peak live tensors: in the same subprocess, a third train step under torch.profiler; the peak of the
+  bytes torch's CPU allocator has handed out and not taken back (its allocation and free events in
+  time order), above the level before the step. This is the peak RSS without the heap's slack.
 """
 import argparse
 import json
@@ -172,16 +175,32 @@ def probe_rss(name: str, batch_size: int, img_size: int) -> None:
     for _ in range(2):  # the second step also holds SGD momentum buffers
         pair.train_step()
     peak = status_kib("VmHWM")
-    print(json.dumps(dict(before_mb=before / 1024, peak_mb=peak / 1024, step_mb=(peak - before) / 1024)))
+    live = peak_live_bytes(pair.train_step)
+    print(json.dumps(dict(before_mb=before / 1024, peak_mb=peak / 1024, step_mb=(peak - before) / 1024,
+                          live_mb=live / MB)))
 
 
-def measure_rss(name: str, batch_size: int, img_size: int, threads: int) -> float:
+def peak_live_bytes(fn: Callable[[], None]) -> int:
+    """Peak bytes of tensors alive at once while fn() runs, above those alive before (torch's CPU allocator)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):  # nbytes: + allocated, - freed
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def measure_rss(name: str, batch_size: int, img_size: int, threads: int) -> Tuple[float, float]:
+    """(peak RSS growth, peak live tensors) of a fresh process's train steps, in MiB."""
     cmd = [sys.executable, "-m", "timm_optdnn.benchmark", "--probe-rss", name, "--batch-size", str(batch_size),
            "--img-size", str(img_size), "--threads", str(threads)] + ([] if schemes.FUSED else ["--unfused"])
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"RSS probe of {name} failed:\n{r.stderr}")
-    return json.loads(r.stdout.splitlines()[-1])["step_mb"]
+    out = json.loads(r.stdout.splitlines()[-1])
+    return out["step_mb"], out["live_mb"]
 
 
 def benchmark(size: str, batch_size: int = 32, img_size: int = 224, repeats: int = 5, steps: int = 3,
@@ -205,7 +224,7 @@ def benchmark(size: str, batch_size: int = 32, img_size: int = 224, repeats: int
         log(f"{size} repeat {r + 1}/{repeats}: " + ", ".join(f"{p.name} " + " ".join(
             f"{k} {v[-1]:.2f}" for k, v in runs[p.name].items()) for p in pairs))
     update = update_ms(pairs, rounds=max(20, repeats))
-    rss_runs: Dict[str, List[float]] = {p.name: [] for p in pairs}
+    rss_runs: Dict[str, List[Tuple[float, float]]] = {p.name: [] for p in pairs}
     for r in range(repeats if rss else 0):  # one probe's growth varies by +-60-90 MiB: median of interleaved probes
         for p in pairs if r % 2 == 0 else pairs[::-1]:
             rss_runs[p.name].append(measure_rss(p.name, batch_size, img_size, threads))
@@ -218,7 +237,8 @@ def benchmark(size: str, batch_size: int = 32, img_size: int = 224, repeats: int
             saved_mb=p.saved_bytes() / MB,
             update_infer_ms=update[p.name]["infer"], update_train_ms=update[p.name]["train"],
             params_mb=sum(q.numel() * q.element_size() for q in p.model.parameters()) / MB,
-            rss_step_mb=statistics.median(rss_runs[p.name]) if rss else None))
+            rss_step_mb=statistics.median(v[0] for v in rss_runs[p.name]) if rss else None,
+            live_step_mb=statistics.median(v[1] for v in rss_runs[p.name]) if rss else None))
     results[1].update({f"{k}_paired": (statistics.median(v), min(v), max(v)) for k, v in paired.items()})
     return results
 
@@ -239,7 +259,8 @@ def ratio(gd: Dict, apg2: Dict, key: str) -> str:
 COLUMNS = {  # result key -> table header
     "infer_img_s": "infer img/s", "infer_img_cpu_s": "infer img/CPU-s",
     "train_img_s": "train img/s", "train_img_cpu_s": "train img/CPU-s",
-    "saved_mb": "saved for backward (MiB)", "rss_step_mb": "train-step peak RSS growth (MiB)",
+    "saved_mb": "saved for backward (MiB)", "live_step_mb": "train-step peak live tensors (MiB)",
+    "rss_step_mb": "train-step peak RSS growth (MiB)",
     "update_infer_ms": "scheme update, infer (ms/batch)", "update_train_ms": "scheme update, train (ms/step)",
 }
 

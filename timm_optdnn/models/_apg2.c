@@ -7,32 +7,18 @@
  *
  * With a = 1 - t0, b = a / t0 (prox = identity, d = z - x):
  *   forward   d' = (d + F / t0) a,  y' = (y + F) + t1 d'
- *   backward  F  = (y' - y - t1 a d) / (1 + t1 b)   (rebuilt: y and y' are saved anyway, F is not)
- *             g_d' += t1 g_y';  g_F = g_y' + b g_d';  g_d = a g_d';  g_t0 = -sum g_d' (d + F / t0^2);  g_t1 = sum g_y' d'
- * Every product is rounded on its own (-ffp-contract=off), as in the torch ops. d is saved for backward in bfloat16
- * (round to nearest even, as torch's .to(torch.bfloat16)): it feeds only the coefficients' gradients.
+ *   rebuilt   F  = (y' - y - t1 a d) / (1 + t1 b)   (y and y' are saved anyway, F is not), so d' from y, y', d
+ *   backward  g_d' += t1 g_y';  g_F = g_y' + b g_d';  g_d = a g_d';  g_t0 = -sum g_d' (d + F / t0^2);  g_t1 = sum g_y' d'
+ * Every product is rounded on its own (-ffp-contract=off), as in the torch ops. A NULL d is d = 0 (the first step).
+ * Outputs may be written over the inputs named in each function's comment (every loop reads an index's inputs before
+ * it writes there); any other overlap is undefined.
  */
 #include <Python.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <string.h>
 
 #define MIN_PER_THREAD 32768  /* below this, waking a thread costs more than it saves */
 #define MAX_THREADS 256
-
-static inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return (f != f) ? 0x7fc0 : (uint16_t)rounded;
-}
-
-static inline float from_bf16(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 static int threads_for(int64_t n, int threads) {
     int most = (int)(n / MIN_PER_THREAD) + 1;
@@ -41,37 +27,53 @@ static int threads_for(int64_t n, int threads) {
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default")))
-static void forward_chunk(const float *y, const float *fy, const float *d, float *y1, float *d1, uint16_t *saved,
-                          int64_t lo, int64_t hi, float t0, float t1) {
+static void forward_chunk(const float *y, const float *fy, const float *d, float *y1, float *d1, float t0, float t1,
+                          int64_t lo, int64_t hi) {
     const float a = 1.0f - t0;
-#pragma GCC ivdep  /* outputs are separate from the inputs or the same arrays (in place): no overlap across i */
+#pragma GCC ivdep  /* no overlap across indices: the avx2 and avx512 clones are vectorised too */
     for (int64_t i = lo; i < hi; i++) {
         float yi = y[i], fi = fy[i], dk = d ? d[i] : 0.0f;
         float dn = (dk + fi / t0) * a;
         d1[i] = dn;
         y1[i] = (yi + fi) + dn * t1;
-        if (saved) saved[i] = to_bf16(dk);
     }
 }
 
-/* y' and d' from y, F(y) and d (NULL: d = 0, the first step); `saved` (NULL: not needed) gets d in bfloat16.
- * d1 may be d (schemes.py always writes d' over d) and y1 may be y (inference); any other overlap is undefined. */
-void apg2_forward(const float *y, const float *fy, const float *d, float *y1, float *d1, uint16_t *saved, int64_t n,
-                  float t0, float t1, int threads) {
-    threads = threads_for(n, threads);
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int c = 0; c < threads; c++)
-        forward_chunk(y, fy, d, y1, d1, saved, n * c / threads, n * (c + 1) / threads, t0, t1);
+/* y' and d' from y, F(y) and d. y1 may be y, d1 may be d. */
+void apg2_forward(const float *y, const float *fy, const float *d, float *y1, float *d1, int64_t n, float t0,
+                  float t1, int threads) {
+    int nt = threads_for(n, threads);
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int c = 0; c < nt; c++) forward_chunk(y, fy, d, y1, d1, t0, t1, n * c / nt, n * (c + 1) / nt);
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default")))
-static void backward_chunk(const float *y, const float *y1, const uint16_t *saved, const float *gy1, const float *gd1,
-                           float *gfy, float *gd, int64_t lo, int64_t hi, float t0, float t1, double *sums) {
+static void next_d_chunk(const float *y, const float *y1, const float *d, float *d1, float t0, float t1, int64_t lo,
+                         int64_t hi) {
+    const float a = 1.0f - t0, c = t1 * a, inv_scale = 1.0f / (1.0f + t1 * (a / t0));
+#pragma GCC ivdep
+    for (int64_t i = lo; i < hi; i++) {
+        float dk = d ? d[i] : 0.0f;
+        d1[i] = (dk + (((y1[i] - y[i]) - c * dk) * inv_scale) / t0) * a;
+    }
+}
+
+/* d' from y, y' and d, F rebuilt: backward's d_k, forward from the last d the driver kept. d1 may be d. */
+void apg2_next_d(const float *y, const float *y1, const float *d, float *d1, int64_t n, float t0, float t1,
+                 int threads) {
+    int nt = threads_for(n, threads);
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int c = 0; c < nt; c++) next_d_chunk(y, y1, d, d1, t0, t1, n * c / nt, n * (c + 1) / nt);
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void backward_chunk(const float *y, const float *y1, const float *d, const float *gy1, const float *gd1,
+                           float *gfy, float *gd, float t0, float t1, double *sums, int64_t lo, int64_t hi) {
     const float a = 1.0f - t0, b = a / t0, c = t1 * a, inv_scale = 1.0f / (1.0f + t1 * b), t0sq = t0 * t0;
     double s0 = 0.0, s1 = 0.0;
-#pragma omp simd reduction(+ : s0, s1)  /* gd1[i] is read before gd[i] is written: gd may be gd1 */
+#pragma omp simd reduction(+ : s0, s1)
     for (int64_t i = lo; i < hi; i++) {
-        float dk = saved ? from_bf16(saved[i]) : 0.0f;
+        float dk = d ? d[i] : 0.0f;
         float f = ((y1[i] - y[i]) - c * dk) * inv_scale;
         float g = (gd1 ? gd1[i] : 0.0f) + t1 * gy1[i];
         s0 += (double)(g * (dk + f / t0sq));
@@ -84,23 +86,23 @@ static void backward_chunk(const float *y, const float *y1, const uint16_t *save
 }
 
 /* Gradients of F(y) into `gfy` and of d into `gd` (NULL: not needed), from those of y' and d' (`gd1` NULL: d' is
- * unused, the last step); grad_t[0], grad_t[1] get those of t0, t1. gd may be gd1; any other overlap is undefined.
+ * unused, the last step); grad_t[0], grad_t[1] get those of t0, t1. gd may be gd1.
  * Per-thread sums are added in thread order, so a run is repeatable for a given thread count. */
-void apg2_backward(const float *y, const float *y1, const uint16_t *saved, const float *gy1, const float *gd1,
-                   float *gfy, float *gd, int64_t n, float t0, float t1, int threads, double *grad_t) {
+void apg2_backward(const float *y, const float *y1, const float *d, const float *gy1, const float *gd1, float *gfy,
+                   float *gd, int64_t n, float t0, float t1, int threads, double *grad_t) {
     double sums[MAX_THREADS][2];
-    threads = threads_for(n, threads);
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int c = 0; c < threads; c++)
-        backward_chunk(y, y1, saved, gy1, gd1, gfy, gd, n * c / threads, n * (c + 1) / threads, t0, t1, sums[c]);
+    int nt = threads_for(n, threads);
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int c = 0; c < nt; c++)
+        backward_chunk(y, y1, d, gy1, gd1, gfy, gd, t0, t1, sums[c], n * c / nt, n * (c + 1) / nt);
     grad_t[0] = grad_t[1] = 0.0;
-    for (int c = 0; c < threads; c++) {
+    for (int c = 0; c < nt; c++) {
         grad_t[0] -= sums[c][0];
         grad_t[1] += sums[c][1];
     }
 }
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_apg2", "apg2_forward(), apg2_backward(): see _apg2.c",
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_apg2", "apg2_forward(), apg2_next_d(), apg2_backward(): see _apg2.c",
                                     -1, NULL};
 
 PyMODINIT_FUNC PyInit__apg2(void) { return PyModule_Create(&module); }

@@ -13,24 +13,26 @@ With every t_k = 1, apg2 computes exactly the gd network (z == x throughout), wh
 pretrained baseline warm-starts an apg2 model.
 """
 import ctypes
+import math
 from typing import List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
-from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 from timm.layers import calculate_drop_path_rates, drop_path
 
 from . import _apg2  # after torch: its OpenMP binds to torch's libgomp
 
 _lib = ctypes.CDLL(_apg2.__file__)
-_forward, _backward = _lib.apg2_forward, _lib.apg2_backward
-_forward.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_int]
-_backward.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_int,
-                                               ctypes.POINTER(ctypes.c_double)])
-_forward.restype = _backward.restype = None
+_forward, _next_d, _backward = _lib.apg2_forward, _lib.apg2_next_d, _lib.apg2_backward
+_SIZES = [ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_int]  # n, t0, t1, threads
+_forward.argtypes = [ctypes.c_void_p] * 5 + _SIZES
+_next_d.argtypes = [ctypes.c_void_p] * 4 + _SIZES
+_backward.argtypes = [ctypes.c_void_p] * 7 + _SIZES + [ctypes.POINTER(ctypes.c_double)]
+_forward.restype = _next_d.restype = _backward.restype = None
 
 SCHEMES = ("gd", "hb", "nag", "apg2")
 
@@ -53,6 +55,11 @@ def apg2_step(y: torch.Tensor, fy: torch.Tensor, d: torch.Tensor, t0: torch.Tens
     return torch.addcmul(y + fy, d1, t1), d1
 
 
+def rebuilt_f(y: torch.Tensor, y1: torch.Tensor, d: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
+    """F(y) from y, y' and d: y' - y = F + t1 (1 - t0)(d + F/t0), a division by 1 + t1 (1 - t0)/t0 >= 1 for t in (0, 1]."""
+    return (y1 - y - t1 * (1 - t0) * d) / (1 + t1 * (1 - t0) / t0)
+
+
 FUSED = True  # False: the apg2 step always in torch ops (what CUDA and bfloat16 run; the benchmark's --unfused)
 
 
@@ -71,69 +78,89 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
-def fused_forward(y: torch.Tensor, fy: torch.Tensor, d: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor,
-                  save: bool = False, y_in_place: bool = False
-                  ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """`apg2_step` in one pass (`_apg2.c`). d' is written over d, the driver's own state, which nothing else keeps
-    (so a block leaves the heap one fresh state tensor, as gd's x + F(x) does, and no hole where d was); with
-    `y_in_place`, y' over y too (no autograd or hook may hold y); with `save`, d in bfloat16 is returned for backward."""
-    y1 = y if y_in_place else torch.empty_like(y)
-    saved = torch.empty_like(d, dtype=torch.bfloat16) if save else None
-    _forward(y.data_ptr(), fy.data_ptr(), d.data_ptr(), y1.data_ptr(), d.data_ptr(), _ptr(saved), y.numel(),
-             float(t0.detach()), float(t1.detach()), torch.get_num_threads())
-    return y1, d, saved
+def fused_forward(y: torch.Tensor, fy: torch.Tensor, d: Optional[torch.Tensor], t0: torch.Tensor, t1: torch.Tensor,
+                  y_out: Optional[torch.Tensor] = None, d_out: Optional[torch.Tensor] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`apg2_step` in one pass (`_apg2.c`) into y_out, d_out: fresh tensors if None, or y, d themselves (d None: 0)."""
+    y1 = torch.empty_like(y) if y_out is None else y_out
+    d1 = torch.empty_like(y) if d_out is None else d_out
+    _forward(y.data_ptr(), fy.data_ptr(), _ptr(d), y1.data_ptr(), d1.data_ptr(), y.numel(), float(t0), float(t1),
+             torch.get_num_threads())
+    return y1, d1
+
+
+def rebuild_d(kept: Optional[torch.Tensor], ys: Sequence[torch.Tensor], ts: torch.Tensor) -> Optional[torch.Tensor]:
+    """d_k, forward from the kept d_a (None: d_0 = 0) through ys = y_a..y_k and ts = t_a..t_k, as the driver went:
+    d_{j+1} = (1 - t_j)(d_j + F_j / t_j), F_j rebuilt from y_j, y_{j+1}, d_j. The map d_j -> d_{j+1} contracts, so
+    this is d_k to float32 rounding."""
+    d = kept
+    for j in range(len(ys) - 1):
+        y, y1, t0, t1 = ys[j], ys[j + 1], ts[j], ts[j + 1]
+        if fusable(y, y1, *([] if d is None else [d])):
+            d1 = torch.empty_like(y) if d is None or d is kept else d  # never written over the kept d_a
+            _next_d(y.data_ptr(), y1.data_ptr(), _ptr(d), d1.data_ptr(), y.numel(), float(t0), float(t1),
+                    torch.get_num_threads())
+            d = d1
+        else:
+            d = torch.zeros_like(y) if d is None else d
+            d = (1 - t0) * (d + rebuilt_f(y, y1, d, t0, t1) / t0)
+    return d
 
 
 class Apg2Step(torch.autograd.Function):
-    """`apg2_step` that saves one half-size tensor (d_k in bfloat16) for backward instead of three full ones.
+    """`apg2_step` that saves for backward no tensor the branches do not already keep, apart from every m-th d.
 
-    F(y_k) is rebuilt in backward from y_k and y_{k+1}, which the branches save anyway (their first
-    layer keeps its input):  y' - y = F + t1 (1 - t0)(d + F/t0)  =>  F = (y' - y - t1 (1-t0) d) / (1 + t1 (1-t0)/t0),
-    a division by a number >= 1 for t in (0, 1]. d_k itself cannot be rebuilt (going back needs 1/(1 - t_k),
-    undefined at t = 1, the warm start). It and the rebuilt F feed only the coefficients' gradients, so a float32
-    model keeps d_k in bfloat16: every other gradient is exactly autograd's, and the gradients of the t_k (sums over
-    the whole activation) differ from it by ~1e-3 relative. This brings the saved activations of ConvNeXt-iso,
-    whose blocks keep ~12 activation-sized tensors, from 1.085x GD to ~1.04x.
+    Backward needs F(y_k) and d_k. F(y_k) is rebuilt from y_k and y_{k+1} (`rebuilt_f`), which the branches save
+    anyway (their first layer keeps its input). d_k is rebuilt forward from the last d_a the driver kept (a = k - k mod
+    m, `rebuild_d`) through y_a..y_k, kept by the branches too. Going back from d_{k+1} instead would divide by
+    1 - t_k: undefined at t = 1, the warm start. So a model of L blocks saves ~L/m state tensors more than GD rather
+    than L (or 3L in plain autograd), for ~m/2 more passes over the state per block in backward, and every gradient
+    is autograd's to float32 rounding; the driver takes m ~ sqrt(L).
 
-    Float32 CPU tensors take the fused kernels of `_apg2.c` both ways; anything else (CUDA, bfloat16, odd layouts)
-    the torch ops below, which compute the same.
+    The fused path writes d' over d unless d is kept (marked dirty: d' feeds only the next step), and in backward the
+    gradient of d over that of d', which in the driver is its own too: a block then leaves the heap one fresh state
+    tensor, as gd's x + F(x) does. Float32 CPU tensors take `_apg2.c` both ways; anything else (CUDA, bfloat16, odd
+    layouts) the torch ops, which compute the same.
     """
 
     @staticmethod
-    def forward(ctx, y, fy, d, t0, t1):
+    def forward(ctx, y, fy, d, t0, t1, ts, kept, *ys):
+        """ts = t_a..t_k (detached), kept = d_a (None: a = 0, d_0 = 0; `d` itself: this step's d is kept),
+        ys = y_a..y_{k-1}."""
         ctx.set_materialize_grads(False)  # the last step's d' is unused: no zeros for its gradient at backward's peak
         ctx.fused = fusable(y, fy, d)
         if ctx.fused:
-            y1, d1, saved = fused_forward(y, fy, d, t0, t1, save=True)
-            ctx.mark_dirty(d1)
+            y1, d1 = fused_forward(y, fy, d, t0, t1, d_out=None if d is kept else d)
+            if d1 is d:
+                ctx.mark_dirty(d1)
         else:
             y1, d1 = apg2_step(y, fy, d, t0, t1)
-            saved = d.to(torch.bfloat16) if d.dtype == torch.float32 else d
-        ctx.save_for_backward(y, y1, saved, t0, t1)
+        ctx.save_for_backward(y, y1, t0, t1, ts, kept, *ys)
         return y1, d1
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_y1, g_d1):
-        y, y1, d, t0, t1 = ctx.saved_tensors
+        y, y1, t0, t1, ts, kept, *ys = ctx.saved_tensors
+        d = rebuild_d(kept, ys + [y], ts)
         if ctx.fused:  # gradients may arrive in the other dense layout (ConvNeXt's head gives NCHW): copy once
             layout = torch.channels_last if y.dim() == 4 and not y.is_contiguous() else torch.contiguous_format
             g_y1 = g_y1.contiguous(memory_format=layout)
             g_d1 = None if g_d1 is None else g_d1.contiguous(memory_format=layout)
         if ctx.fused and fusable(y, g_y1, *([] if g_d1 is None else [g_d1])):
             g_fy = torch.empty_like(y)
-            # g_d' is ours alone (d' feeds only the next step), so g_d can take its place
             g_d = None if not ctx.needs_input_grad[2] else torch.empty_like(y) if g_d1 is None else g_d1
             g_t = (ctypes.c_double * 2)()
-            _backward(y.data_ptr(), y1.data_ptr(), d.data_ptr(), g_y1.data_ptr(), _ptr(g_d1), g_fy.data_ptr(),
-                      _ptr(g_d), y.numel(), float(t0.detach()), float(t1.detach()), torch.get_num_threads(), g_t)
-            return g_y1, g_fy, g_d, t0.new_tensor(g_t[0]), t1.new_tensor(g_t[1])
-        d = d.to(y.dtype)
-        fy = (y1 - y - t1 * (1 - t0) * d) / (1 + t1 * (1 - t0) / t0)
+            _backward(y.data_ptr(), y1.data_ptr(), _ptr(d), g_y1.data_ptr(), _ptr(g_d1), g_fy.data_ptr(), _ptr(g_d),
+                      y.numel(), float(t0), float(t1), torch.get_num_threads(), g_t)
+            return g_y1, g_fy, g_d, t0.new_tensor(g_t[0]), t1.new_tensor(g_t[1]), None, None, *[None] * len(ys)
+        d = torch.zeros_like(y) if d is None else d
+        fy = rebuilt_f(y, y1, d, t0, t1)
         d1 = (1 - t0) * (d + fy / t0)
         g_d1 = t1 * g_y1 if g_d1 is None else g_d1 + t1 * g_y1  # d' reaches the loss directly and through y'
         g_t0 = -(g_d1 * (d + fy / (t0 * t0))).sum()
-        return g_y1, g_y1 + g_d1 * ((1 - t0) / t0), g_d1 * (1 - t0), g_t0, (g_y1 * d1).sum()
+        return (g_y1, g_y1 + g_d1 * ((1 - t0) / t0), g_d1 * (1 - t0), g_t0, (g_y1 * d1).sum(), None, None,
+                *[None] * len(ys))
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -174,6 +201,7 @@ class SchemeBlocks(nn.ModuleList):
         prev = x  # hb/nag: x_{k-1}
         y = x  # where the branch is evaluated; apg2 carries it (and d = z - x) from step to step
         d = torch.zeros_like(x) if self.scheme == "apg2" else x
+        trail: List[torch.Tensor] = []  # apg2 with autograd: the last d kept for backward and the states since
         kept: List[torch.Tensor] = []
         for k, f in enumerate(self):
             if k < stop:  # TorchScript unrolls this loop and allows no `break`
@@ -199,25 +227,30 @@ class SchemeBlocks(nn.ModuleList):
                         if torch.jit.is_scripting():
                             y, d = apg2_step(y, fy, d, self.coef[k], self.coef[k + 1])
                         else:
-                            y, d = self.apg2_step_lean(y, fy, d, self.coef[k], self.coef[k + 1], k)
+                            y, d = self.apg2_step_lean(y, fy, d, self.coef[k], self.coef[k + 1], k, trail)
                 if k in keep:
                     kept.append(x)
         return x, kept
 
     @torch.jit.unused
     def apg2_step_lean(self, y: torch.Tensor, fy: torch.Tensor, d: torch.Tensor, t0: torch.Tensor,
-                       t1: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        # tracers (fx, fvcore) cannot see into a Function; without autograd there is nothing to save
+                       t1: torch.Tensor, k: int, trail: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        # tracers (fx, fvcore) cannot see into a Function
         if is_fx_symbolic_tracing() or torch.jit.is_tracing():
             return apg2_step(y, fy, d, t0, t1)
-        if torch.is_grad_enabled():
-            return Apg2Step.apply(y, fy, d, t0, t1)
+        if torch.is_grad_enabled():  # every m-th d is kept for backward, which rebuilds the others from it (Apg2Step)
+            a = k - k % math.ceil(math.sqrt(len(self)))
+            if k == a:
+                trail[:] = [d] if a > 0 else []  # d_0 = 0 needs no keeping
+            kept, ys = (trail[0], trail[1:]) if a > 0 else (None, list(trail))
+            trail.append(y)
+            return Apg2Step.apply(y, fy, d, t0, t1, self.coef.detach()[a:k + 1], kept, *ys)
         if not fusable(y, fy, d):
             return apg2_step(y, fy, d, t0, t1)
-        # Inference writes the new state over the old: a block then leaves one fresh tensor, as gd's x + F(x) does,
-        # not two (docs/models.md). y_0 is the caller's tensor and a hook on branch k may keep y_k: those are never
-        # overwritten. d is the driver's own.
-        return fused_forward(y, fy, d, t0, t1, y_in_place=k > 0 and not _hooked(self[k]))[:2]
+        # Without autograd the new state is written over the old: a block then leaves one fresh tensor, as gd's
+        # x + F(x) does, not two (docs/models.md). y_0 is the caller's tensor and a hook on branch k may keep y_k:
+        # those are never overwritten. d is the driver's own.
+        return fused_forward(y, fy, d, t0, t1, y_out=y if k > 0 and not _hooked(self[k]) else None, d_out=d)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
