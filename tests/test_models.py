@@ -164,7 +164,11 @@ def test_fused_apg2_step_matches_the_torch_ops(layout, d_used, monkeypatch):
         assert all(o is i for o, i in zip(fused_forward(y_, fy, d_, t0, t1, y_, d_), (y_, d_)))
         assert torch.equal(y_, fresh[0]) and torch.equal(d_, fresh[1])  # written over y, d: the same numbers
     ts = torch.stack([t0, t1])
-    rebuilt = [schemes.rebuild_d(d, [y, y1], ts), schemes.rebuild_d(None, [y, first[0]], ts)]
+
+    def rebuilds():  # d' from y, y' and d, and from y, y' alone (d = 0)
+        return [schemes.rebuild_d(d, [y, y1], ts), schemes.rebuild_d(None, [y, first[0]], ts)]
+
+    rebuilt = rebuilds()
 
     def grads():
         inputs = [t.clone().requires_grad_(True) for t in (y, fy, d, t0, t1)]
@@ -179,7 +183,7 @@ def test_fused_apg2_step_matches_the_torch_ops(layout, d_used, monkeypatch):
     for mine, same, ref in zip(fused, again, grads(), strict=True):
         assert torch.equal(mine, same)  # per-thread sums added in a fixed order: repeatable
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-    for mine, ref in zip(rebuilt, [schemes.rebuild_d(d, [y, y1], ts), schemes.rebuild_d(None, [y, first[0]], ts)]):
+    for mine, ref in zip(rebuilt, rebuilds(), strict=True):
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rebuilt[0], d1, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rebuilt[1], first[1], rtol=1e-5, atol=1e-5)

@@ -26,6 +26,11 @@ static int threads_for(int64_t n, int threads) {
     return threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
 }
 
+/* F from y, y' and d (c = t1 (1 - t0), inv_scale = 1 / (1 + t1 (1 - t0) / t0)): what backward and the rebuild share */
+static inline float rebuilt_f(float y, float y1, float d, float c, float inv_scale) {
+    return ((y1 - y) - c * d) * inv_scale;
+}
+
 __attribute__((target_clones("avx512f", "avx2", "default")))
 static void forward_chunk(const float *y, const float *fy, const float *d, float *y1, float *d1, float t0, float t1,
                           int64_t lo, int64_t hi) {
@@ -54,7 +59,7 @@ static void next_d_chunk(const float *y, const float *y1, const float *d, float 
 #pragma GCC ivdep
     for (int64_t i = lo; i < hi; i++) {
         float dk = d ? d[i] : 0.0f;
-        d1[i] = (dk + (((y1[i] - y[i]) - c * dk) * inv_scale) / t0) * a;
+        d1[i] = (dk + rebuilt_f(y[i], y1[i], dk, c, inv_scale) / t0) * a;
     }
 }
 
@@ -74,7 +79,7 @@ static void backward_chunk(const float *y, const float *y1, const float *d, cons
 #pragma omp simd reduction(+ : s0, s1)
     for (int64_t i = lo; i < hi; i++) {
         float dk = d ? d[i] : 0.0f;
-        float f = ((y1[i] - y[i]) - c * dk) * inv_scale;
+        float f = rebuilt_f(y[i], y1[i], dk, c, inv_scale);
         float g = (gd1 ? gd1[i] : 0.0f) + t1 * gy1[i];
         s0 += (double)(g * (dk + f / t0sq));
         s1 += (double)(gy1[i] * ((dk + f / t0) * a));
