@@ -115,26 +115,34 @@ def test_scheme_gradients_match_hand_written_loop(scheme):
 
 
 def test_apg2_rebuilt_state_gives_autograds_gradients(monkeypatch):
-    """Apg2Step keeps every m-th d (m = ceil(sqrt(10)) = 4 here: d_4, d_8) and rebuilds the others in backward: against
-    plain autograd through the same float32 step (apg2_step, what TorchScript runs), every gradient, the coefficients'
-    included, differs by float32 rounding only."""
+    """Apg2Step keeps every m-th d (m = ceil(sqrt(10)) = 4 here: d_4, d_8) and rebuilds the others in backward, once
+    per segment: against plain autograd through the same float32 step (apg2_step, what TorchScript runs), every
+    gradient, the coefficients' included, differs by float32 rounding only; a retained graph's second backward too."""
     blocks = SchemeBlocks([Lin(k) for k in range(10)], scheme="apg2")
     with torch.no_grad():
         blocks.coef.copy_(torch.tensor([1.0, 0.7, 0.45, 0.3, 0.6, 0.9, 0.2, 0.5, 0.8, 0.35]))
     x = torch.randn(20000, 4)  # 80,000 elements: both threads of the kernels get work
-    grads, over = [], []
-    fused = schemes.fused_forward
+    grads, over, rebuilt = [], [], []
+    fused, rebuild = schemes.fused_forward, schemes.rebuild_d
     monkeypatch.setattr(schemes, "fused_forward", lambda *a, **kw: over.append(kw["d_out"] is a[2]) or fused(*a, **kw))
-    for lean in (True, False):
-        if not lean:
-            blocks.apg2_step_lean = lambda y, fy, d, t0, t1, k, trail: apg2_step(y, fy, d, t0, t1)  # shadows it
+    monkeypatch.setattr(schemes, "rebuild_d", lambda kept, ys, ts: rebuilt.append(len(ys) - 1) or rebuild(kept, ys, ts))
+
+    def backward(out, **kw):
         blocks.zero_grad()
-        blocks(x).sin().sum().backward()
+        out.backward(**kw)
         grads.append({n: p.grad.clone() for n, p in blocks.named_parameters()})
-    mine, plain = grads
+
+    out = blocks(x).sin().sum()
+    backward(out, retain_graph=True)
+    backward(out)
+    blocks.apg2_step_lean = lambda y, fy, d, t0, t1, *segment: apg2_step(y, fy, d, t0, t1)  # shadows it
+    backward(blocks(x).sin().sum())
+    mine, again, plain = grads
     for n, g in plain.items():
         torch.testing.assert_close(mine[n], g, rtol=1e-5, atol=1e-5 * g.abs().max().item())
+        assert torch.equal(again[n], mine[n])
     assert over == [True] * 4 + [False] + [True] * 3 + [False]  # d' is written over d, unless d is kept
+    assert rebuilt == [3, 3] * 2  # d_1..d_3 from d_0 = 0, d_5..d_7 from d_4 (step 8's d_8 is kept), each backward
 
 
 LAYOUTS = {  # 2 x 76,800 elements: both threads of the fused kernels get work
@@ -147,7 +155,7 @@ LAYOUTS = {  # 2 x 76,800 elements: both threads of the fused kernels get work
 @pytest.mark.parametrize("d_used", [True, False], ids=["d_used", "last_step"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_fused_apg2_step_matches_the_torch_ops(layout, d_used, monkeypatch):
-    """_apg2.c against the torch ops it replaces: forward (also written over its inputs), backward's rebuilt d', and
+    """_apg2.c against the torch ops it replaces: forward (also written over its inputs), backward's rebuilt d's, and
     every gradient (also when d' reaches nothing, as after the last step: its gradient is None, not zeros)."""
     g = torch.Generator().manual_seed(0)
     y, fy, d, g_y1, g_d1 = [LAYOUTS[layout](torch.randn(4 * 50 * 384, generator=g)) for _ in range(5)]
@@ -163,17 +171,20 @@ def test_fused_apg2_step_matches_the_torch_ops(layout, d_used, monkeypatch):
             assert mine.stride() == ref.stride()
         assert all(o is i for o, i in zip(fused_forward(y_, fy, d_, t0, t1, y_, d_), (y_, d_)))
         assert torch.equal(y_, fresh[0]) and torch.equal(d_, fresh[1])  # written over y, d: the same numbers
-    ts = torch.stack([t0, t1])
+    t2 = torch.tensor(0.7)
+    ts = torch.stack([t0, t1, t2])
+    y2, d2 = apg2_step(y1, g_y1, d1, t1, t2)  # a second step, from d and from d = 0
+    first2 = apg2_step(first[0], g_y1, first[1], t1, t2)
 
-    def rebuilds():  # d' from y, y' and d, and from y, y' alone (d = 0)
-        return [schemes.rebuild_d(d, [y, y1], ts), schemes.rebuild_d(None, [y, first[0]], ts)]
+    def rebuilds():  # d', d'' from y, y', y'' and d, and from y, y', y'' alone (d = 0)
+        return schemes.rebuild_d(d, [y, y1, y2], ts) + schemes.rebuild_d(None, [y, first[0], first2[0]], ts)
 
     rebuilt = rebuilds()
 
     def grads():
         inputs = [t.clone().requires_grad_(True) for t in (y, fy, d, t0, t1)]
         state = inputs[2].clone()  # as in the driver, d is an earlier step's output; kept here, so not written over
-        y1, d1 = Apg2Step.apply(*inputs[:2], state, *inputs[3:], t0[None], state)
+        y1, d1 = Apg2Step.apply(*inputs[:2], state, *inputs[3:], t0[None], 0, {}, state)
         # clones: the fused backward writes the gradient of d over that of d', which in the driver is its own
         torch.autograd.backward((y1, d1) if d_used else y1, (g_y1, g_d1.clone()) if d_used else g_y1)
         return [t.grad for t in inputs]
@@ -185,8 +196,8 @@ def test_fused_apg2_step_matches_the_torch_ops(layout, d_used, monkeypatch):
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     for mine, ref in zip(rebuilt, rebuilds(), strict=True):
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(rebuilt[0], d1, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(rebuilt[1], first[1], rtol=1e-5, atol=1e-5)
+    for mine, ref in zip(rebuilt, (d1, d2, first[1], first2[1]), strict=True):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_apg2_inference_overwrites_only_its_own_state(monkeypatch):

@@ -52,23 +52,34 @@ void apg2_forward(const float *y, const float *fy, const float *d, float *y1, fl
     for (int c = 0; c < nt; c++) forward_chunk(y, fy, d, y1, d1, t0, t1, n * c / nt, n * (c + 1) / nt);
 }
 
+#define REBUILD_BLOCK 4096  /* floats per array in flight: a step's 4 arrays stay in L1/L2 for the next step */
+
 __attribute__((target_clones("avx512f", "avx2", "default")))
-static void next_d_chunk(const float *y, const float *y1, const float *d, float *d1, float t0, float t1, int64_t lo,
-                         int64_t hi) {
-    const float a = 1.0f - t0, c = t1 * a, inv_scale = 1.0f / (1.0f + t1 * (a / t0));
+static void rebuild_chunk(const float *const *ys, const float *d, float *const *ds, int64_t steps, const float *ts,
+                          int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; b += REBUILD_BLOCK) {
+        int64_t e = b + REBUILD_BLOCK < hi ? b + REBUILD_BLOCK : hi;
+        for (int64_t j = 0; j < steps; j++) {
+            const float t0 = ts[j], t1 = ts[j + 1], a = 1.0f - t0, c = t1 * a, inv_scale = 1.0f / (1.0f + t1 * (a / t0));
+            const float *y = ys[j], *y1 = ys[j + 1], *dj = j ? ds[j - 1] : d;
+            float *d1 = ds[j];
 #pragma GCC ivdep
-    for (int64_t i = lo; i < hi; i++) {
-        float dk = d ? d[i] : 0.0f;
-        d1[i] = (dk + rebuilt_f(y[i], y1[i], dk, c, inv_scale) / t0) * a;
+            for (int64_t i = b; i < e; i++) {
+                float dk = dj ? dj[i] : 0.0f;
+                d1[i] = (dk + rebuilt_f(y[i], y1[i], dk, c, inv_scale) / t0) * a;
+            }
+        }
     }
 }
 
-/* d' from y, y' and d, F rebuilt: backward's d_k, forward from the last d the driver kept. d1 may be d. */
-void apg2_next_d(const float *y, const float *y1, const float *d, float *d1, int64_t n, float t0, float t1,
-                 int threads) {
+/* d_{a+1}..d_{a+steps} into ds[0..steps-1], forward from d = d_a (NULL: 0) through ys[0..steps] = y_a..y_{a+steps}
+ * and ts[0..steps] = t_a..t_{a+steps}, F rebuilt at each step: backward's d's of one segment, from the d the driver
+ * kept. Done block by block through all the steps, so each y is read once and each d written once. */
+void apg2_rebuild(const float *const *ys, const float *d, float *const *ds, int64_t steps, const float *ts, int64_t n,
+                  int threads) {
     int nt = threads_for(n, threads);
 #pragma omp parallel for num_threads(nt) schedule(static, 1)
-    for (int c = 0; c < nt; c++) next_d_chunk(y, y1, d, d1, t0, t1, n * c / nt, n * (c + 1) / nt);
+    for (int c = 0; c < nt; c++) rebuild_chunk(ys, d, ds, steps, ts, n * c / nt, n * (c + 1) / nt);
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -91,7 +102,7 @@ static void backward_chunk(const float *y, const float *y1, const float *d, cons
 }
 
 /* Gradients of F(y) into `gfy` and of d into `gd` (NULL: not needed), from those of y' and d' (`gd1` NULL: d' is
- * unused, the last step); grad_t[0], grad_t[1] get those of t0, t1. gd may be gd1.
+ * unused, the last step); grad_t[0], grad_t[1] get those of t0, t1. gd may be gd1, gfy may be d.
  * Per-thread sums are added in thread order, so a run is repeatable for a given thread count. */
 void apg2_backward(const float *y, const float *y1, const float *d, const float *gy1, const float *gd1, float *gfy,
                    float *gd, int64_t n, float t0, float t1, int threads, double *grad_t) {
@@ -107,7 +118,7 @@ void apg2_backward(const float *y, const float *y1, const float *d, const float 
     }
 }
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_apg2", "apg2_forward(), apg2_next_d(), apg2_backward(): see _apg2.c",
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_apg2", "apg2_forward(), apg2_rebuild(), apg2_backward(): see _apg2.c",
                                     -1, NULL};
 
 PyMODINIT_FUNC PyInit__apg2(void) { return PyModule_Create(&module); }

@@ -14,7 +14,7 @@ pretrained baseline warm-starts an apg2 model.
 """
 import ctypes
 import math
-from typing import List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -27,12 +27,13 @@ from timm.layers import calculate_drop_path_rates, drop_path
 from . import _apg2  # after torch: its OpenMP binds to torch's libgomp
 
 _lib = ctypes.CDLL(_apg2.__file__)
-_forward, _next_d, _backward = _lib.apg2_forward, _lib.apg2_next_d, _lib.apg2_backward
+_forward, _rebuild, _backward = _lib.apg2_forward, _lib.apg2_rebuild, _lib.apg2_backward
 _SIZES = [ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_int]  # n, t0, t1, threads
 _forward.argtypes = [ctypes.c_void_p] * 5 + _SIZES
-_next_d.argtypes = [ctypes.c_void_p] * 4 + _SIZES
+_rebuild.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
+                     ctypes.c_int64, ctypes.POINTER(ctypes.c_float), ctypes.c_int64, ctypes.c_int]
 _backward.argtypes = [ctypes.c_void_p] * 7 + _SIZES + [ctypes.POINTER(ctypes.c_double)]
-_forward.restype = _next_d.restype = _backward.restype = None
+_forward.restype = _rebuild.restype = _backward.restype = None
 
 SCHEMES = ("gd", "hb", "nag", "apg2")
 
@@ -89,22 +90,23 @@ def fused_forward(y: torch.Tensor, fy: torch.Tensor, d: Optional[torch.Tensor], 
     return y1, d1
 
 
-def rebuild_d(kept: Optional[torch.Tensor], ys: Sequence[torch.Tensor], ts: torch.Tensor) -> Optional[torch.Tensor]:
-    """d_k, forward from the kept d_a (None: d_0 = 0) through ys = y_a..y_k and ts = t_a..t_k, as the driver went:
-    d_{j+1} = (1 - t_j)(d_j + F_j / t_j), F_j rebuilt from y_j, y_{j+1}, d_j. The map d_j -> d_{j+1} contracts, so
-    this is d_k to float32 rounding."""
-    d = kept
+def rebuild_d(kept: Optional[torch.Tensor], ys: Sequence[torch.Tensor], ts: torch.Tensor) -> List[torch.Tensor]:
+    """d_{a+1}..d_k, forward from the kept d_a (None: d_0 = 0) through ys = y_a..y_k and ts = t_a..t_k, as the driver
+    went: d_{j+1} = (1 - t_j)(d_j + F_j / t_j), F_j rebuilt from y_j, y_{j+1}, d_j. The map d_j -> d_{j+1}
+    contracts, so these are the driver's d's to float32 rounding."""
+    if fusable(*ys, *([] if kept is None else [kept])):
+        ds = [torch.empty_like(ys[0]) for _ in ys[1:]]
+        steps = len(ds)
+        _rebuild((ctypes.c_void_p * (steps + 1))(*[y.data_ptr() for y in ys]), _ptr(kept),
+                 (ctypes.c_void_p * steps)(*[d.data_ptr() for d in ds]), steps,
+                 (ctypes.c_float * (steps + 1))(*ts.tolist()), ys[0].numel(), torch.get_num_threads())
+        return ds
+    d, ds = torch.zeros_like(ys[0]) if kept is None else kept, []
     for j in range(len(ys) - 1):
-        y, y1, t0, t1 = ys[j], ys[j + 1], ts[j], ts[j + 1]
-        if fusable(y, y1, *([] if d is None else [d])):
-            d1 = torch.empty_like(y) if d is None or d is kept else d  # never written over the kept d_a
-            _next_d(y.data_ptr(), y1.data_ptr(), _ptr(d), d1.data_ptr(), y.numel(), float(t0), float(t1),
-                    torch.get_num_threads())
-            d = d1
-        else:
-            d = torch.zeros_like(y) if d is None else d
-            d = (1 - t0) * (d + rebuilt_f(y, y1, d, t0, t1) / t0)
-    return d
+        t0 = ts[j]
+        d = (1 - t0) * (d + rebuilt_f(ys[j], ys[j + 1], d, t0, ts[j + 1]) / t0)
+        ds.append(d)
+    return ds
 
 
 class Apg2Step(torch.autograd.Function):
@@ -114,20 +116,23 @@ class Apg2Step(torch.autograd.Function):
     anyway (their first layer keeps its input). d_k is rebuilt forward from the last d_a the driver kept (a = k - k mod
     m, `rebuild_d`) through y_a..y_k, kept by the branches too. Going back from d_{k+1} instead would divide by
     1 - t_k: undefined at t = 1, the warm start. So a model of L blocks saves ~L/m state tensors more than GD rather
-    than L (or 3L in plain autograd), for ~m/2 more passes over the state per block in backward, and every gradient
-    is autograd's to float32 rounding; the driver takes m ~ sqrt(L).
+    than L (or 3L in plain autograd), and every gradient is autograd's to float32 rounding; the driver takes m ~
+    sqrt(L). Backward reaches a segment a..a+m-1 at its last step, which rebuilds all the segment's d's at once and
+    leaves the others in `rebuilt` for the steps below: one pass over the segment instead of one per step, for at
+    most m - 2 state tensors held in backward, by when the later blocks' activations are freed.
 
     The fused path writes d' over d unless d is kept (marked dirty: d' feeds only the next step), and in backward the
-    gradient of d over that of d', which in the driver is its own too: a block then leaves the heap one fresh state
-    tensor, as gd's x + F(x) does. Float32 CPU tensors take `_apg2.c` both ways; anything else (CUDA, bfloat16, odd
-    layouts) the torch ops, which compute the same.
+    gradient of d over that of d', which in the driver is its own too, and the gradient of F(y) over a rebuilt d: a
+    block then leaves the heap one fresh state tensor, as gd's x + F(x) does. Float32 CPU tensors take `_apg2.c` both
+    ways; anything else (CUDA, bfloat16, odd layouts) the torch ops, which compute the same.
     """
 
     @staticmethod
-    def forward(ctx, y, fy, d, t0, t1, ts, kept, *ys):
-        """ts = t_a..t_k (detached), kept = d_a (None: a = 0, d_0 = 0; `d` itself: this step's d is kept),
-        ys = y_a..y_{k-1}."""
+    def forward(ctx, y, fy, d, t0, t1, ts, k, rebuilt, kept, *ys):
+        """This is step k; ts = t_a..t_k (detached), rebuilt = the driver's dict of d's rebuilt in backward, by step;
+        kept = d_a (None: a = 0, d_0 = 0; `d` itself: this step's d is kept), ys = y_a..y_{k-1}."""
         ctx.set_materialize_grads(False)  # the last step's d' is unused: no zeros for its gradient at backward's peak
+        ctx.k, ctx.rebuilt = k, rebuilt
         ctx.fused = fusable(y, fy, d)
         if ctx.fused:
             y1, d1 = fused_forward(y, fy, d, t0, t1, d_out=None if d is kept else d)
@@ -142,24 +147,27 @@ class Apg2Step(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_y1, g_d1):
         y, y1, t0, t1, ts, kept, *ys = ctx.saved_tensors
-        d = rebuild_d(kept, ys + [y], ts)
+        d = kept if not ys else ctx.rebuilt.pop(ctx.k, None)  # popped: a retained graph's next backward rebuilds
+        if d is None and ys:
+            *below, d = rebuild_d(kept, ys + [y], ts)
+            ctx.rebuilt.update(enumerate(below, ctx.k - len(ys) + 1))
         if ctx.fused:  # gradients may arrive in the other dense layout (ConvNeXt's head gives NCHW): copy once
             layout = torch.channels_last if y.dim() == 4 and not y.is_contiguous() else torch.contiguous_format
             g_y1 = g_y1.contiguous(memory_format=layout)
             g_d1 = None if g_d1 is None else g_d1.contiguous(memory_format=layout)
-        if ctx.fused and fusable(y, g_y1, *([] if g_d1 is None else [g_d1])):
-            g_fy = torch.empty_like(y)
+        if ctx.fused and fusable(y, g_y1, *([] if g_d1 is None else [g_d1]), *([] if d is None else [d])):
+            g_fy = d if ys else torch.empty_like(y)  # a rebuilt d is this backward's own
             g_d = None if not ctx.needs_input_grad[2] else torch.empty_like(y) if g_d1 is None else g_d1
             g_t = (ctypes.c_double * 2)()
             _backward(y.data_ptr(), y1.data_ptr(), _ptr(d), g_y1.data_ptr(), _ptr(g_d1), g_fy.data_ptr(), _ptr(g_d),
                       y.numel(), float(t0), float(t1), torch.get_num_threads(), g_t)
-            return g_y1, g_fy, g_d, t0.new_tensor(g_t[0]), t1.new_tensor(g_t[1]), None, None, *[None] * len(ys)
+            return g_y1, g_fy, g_d, t0.new_tensor(g_t[0]), t1.new_tensor(g_t[1]), None, None, None, None, *[None] * len(ys)
         d = torch.zeros_like(y) if d is None else d
         fy = rebuilt_f(y, y1, d, t0, t1)
         d1 = (1 - t0) * (d + fy / t0)
         g_d1 = t1 * g_y1 if g_d1 is None else g_d1 + t1 * g_y1  # d' reaches the loss directly and through y'
         g_t0 = -(g_d1 * (d + fy / (t0 * t0))).sum()
-        return (g_y1, g_y1 + g_d1 * ((1 - t0) / t0), g_d1 * (1 - t0), g_t0, (g_y1 * d1).sum(), None, None,
+        return (g_y1, g_y1 + g_d1 * ((1 - t0) / t0), g_d1 * (1 - t0), g_t0, (g_y1 * d1).sum(), None, None, None, None,
                 *[None] * len(ys))
 
 
@@ -202,6 +210,7 @@ class SchemeBlocks(nn.ModuleList):
         y = x  # where the branch is evaluated; apg2 carries it (and d = z - x) from step to step
         d = torch.zeros_like(x) if self.scheme == "apg2" else x
         trail: List[torch.Tensor] = []  # apg2 with autograd: the last d kept for backward and the states since
+        rebuilt: Dict[int, torch.Tensor] = {}  # and the d's its backward rebuilds (Apg2Step)
         kept: List[torch.Tensor] = []
         for k, f in enumerate(self):
             if k < stop:  # TorchScript unrolls this loop and allows no `break`
@@ -227,14 +236,16 @@ class SchemeBlocks(nn.ModuleList):
                         if torch.jit.is_scripting():
                             y, d = apg2_step(y, fy, d, self.coef[k], self.coef[k + 1])
                         else:
-                            y, d = self.apg2_step_lean(y, fy, d, self.coef[k], self.coef[k + 1], k, trail)
+                            y, d = self.apg2_step_lean(y, fy, d, self.coef[k], self.coef[k + 1], k, trail,
+                                                          rebuilt)
                 if k in keep:
                     kept.append(x)
         return x, kept
 
     @torch.jit.unused
     def apg2_step_lean(self, y: torch.Tensor, fy: torch.Tensor, d: torch.Tensor, t0: torch.Tensor,
-                       t1: torch.Tensor, k: int, trail: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+                       t1: torch.Tensor, k: int, trail: List[torch.Tensor], rebuilt: Dict[int, torch.Tensor]
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
         # tracers (fx, fvcore) cannot see into a Function
         if is_fx_symbolic_tracing() or torch.jit.is_tracing():
             return apg2_step(y, fy, d, t0, t1)
@@ -244,7 +255,7 @@ class SchemeBlocks(nn.ModuleList):
                 trail[:] = [d] if a > 0 else []  # d_0 = 0 needs no keeping
             kept, ys = (trail[0], trail[1:]) if a > 0 else (None, list(trail))
             trail.append(y)
-            return Apg2Step.apply(y, fy, d, t0, t1, self.coef.detach()[a:k + 1], kept, *ys)
+            return Apg2Step.apply(y, fy, d, t0, t1, self.coef.detach()[a:k + 1], k, rebuilt, kept, *ys)
         if not fusable(y, fy, d):
             return apg2_step(y, fy, d, t0, t1)
         # Without autograd the new state is written over the old: a block then leaves one fresh tensor, as gd's
