@@ -171,12 +171,6 @@ class Apg2Step(torch.autograd.Function):
                 *[None] * len(ys))
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Whether a forward hook (global, or on the module or inside it) may hold on to the module's input."""
-    return bool(_global_forward_hooks or _global_forward_pre_hooks) or any(
-        sub._forward_hooks or sub._forward_pre_hooks for sub in module.modules())
-
-
 class SchemeBlocks(nn.ModuleList):
     """A sequence of residual branches run as the iterations of `scheme`.
 
@@ -211,6 +205,10 @@ class SchemeBlocks(nn.ModuleList):
         d = torch.zeros_like(x) if self.scheme == "apg2" else x
         trail: List[torch.Tensor] = []  # apg2 with autograd: the last d kept for backward and the states since
         rebuilt: Dict[int, torch.Tensor] = {}  # and the d's its backward rebuilds (Apg2Step)
+        # apg2 without autograd: which y_k the step may write y_{k+1} over; once per forward, as the branches' ops
+        # leave the caches cold for Python (~65 us per block for this walk there, ~10 us here)
+        writable = self.writable_inputs() if self.scheme == "apg2" and not torch.jit.is_scripting() \
+            and not torch.is_grad_enabled() else [False] * len(self.drop_path_rates)
         kept: List[torch.Tensor] = []
         for k, f in enumerate(self):
             if k < stop:  # TorchScript unrolls this loop and allows no `break`
@@ -237,31 +235,38 @@ class SchemeBlocks(nn.ModuleList):
                             y, d = apg2_step(y, fy, d, self.coef[k], self.coef[k + 1])
                         else:
                             y, d = self.apg2_step_lean(y, fy, d, self.coef[k], self.coef[k + 1], k, trail,
-                                                          rebuilt)
+                                                          rebuilt, writable[k])
                 if k in keep:
                     kept.append(x)
         return x, kept
 
     @torch.jit.unused
     def apg2_step_lean(self, y: torch.Tensor, fy: torch.Tensor, d: torch.Tensor, t0: torch.Tensor,
-                       t1: torch.Tensor, k: int, trail: List[torch.Tensor], rebuilt: Dict[int, torch.Tensor]
-                       ) -> Tuple[torch.Tensor, torch.Tensor]:
-        # tracers (fx, fvcore) cannot see into a Function
-        if is_fx_symbolic_tracing() or torch.jit.is_tracing():
+                       t1: torch.Tensor, k: int, trail: List[torch.Tensor], rebuilt: Dict[int, torch.Tensor],
+                       write_y: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        if not torch.is_grad_enabled():
+            if not fusable(y, fy, d):  # also under tracers
+                return apg2_step(y, fy, d, t0, t1)
+            # Without autograd the new state is written over the old: a block then leaves one fresh tensor, as gd's
+            # x + F(x) does, not two (docs/models.md). d is the driver's own; y_k only if `writable_inputs` says so.
+            return fused_forward(y, fy, d, t0, t1, y_out=y if write_y else None, d_out=d)
+        if is_fx_symbolic_tracing() or torch.jit.is_tracing():  # tracers (fx, fvcore) cannot see into a Function
             return apg2_step(y, fy, d, t0, t1)
-        if torch.is_grad_enabled():  # every m-th d is kept for backward, which rebuilds the others from it (Apg2Step)
-            a = k - k % math.ceil(math.sqrt(len(self)))
-            if k == a:
-                trail[:] = [d] if a > 0 else []  # d_0 = 0 needs no keeping
-            kept, ys = (trail[0], trail[1:]) if a > 0 else (None, list(trail))
-            trail.append(y)
-            return Apg2Step.apply(y, fy, d, t0, t1, self.coef.detach()[a:k + 1], k, rebuilt, kept, *ys)
-        if not fusable(y, fy, d):
-            return apg2_step(y, fy, d, t0, t1)
-        # Without autograd the new state is written over the old: a block then leaves one fresh tensor, as gd's
-        # x + F(x) does, not two (docs/models.md). y_0 is the caller's tensor and a hook on branch k may keep y_k:
-        # those are never overwritten. d is the driver's own.
-        return fused_forward(y, fy, d, t0, t1, y_out=y if k > 0 and not _hooked(self[k]) else None, d_out=d)
+        # every m-th d is kept for backward, which rebuilds the others from it (Apg2Step)
+        a = k - k % math.ceil(math.sqrt(len(self)))
+        if k == a:
+            trail[:] = [d] if a > 0 else []  # d_0 = 0 needs no keeping
+        kept, ys = (trail[0], trail[1:]) if a > 0 else (None, list(trail))
+        trail.append(y)
+        return Apg2Step.apply(y, fy, d, t0, t1, self.coef.detach()[a:k + 1], k, rebuilt, kept, *ys)
+
+    @torch.jit.unused
+    def writable_inputs(self) -> List[bool]:
+        """Per branch, whether its input y_k is the driver's own to overwrite: not the caller's y_0, and no forward
+        hook (global, or on the branch or inside it) that may hold on to it."""
+        hooked = bool(_global_forward_hooks or _global_forward_pre_hooks)
+        return [k > 0 and not hooked and not any(m._forward_hooks or m._forward_pre_hooks for m in f.modules())
+                for k, f in enumerate(self)]
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
