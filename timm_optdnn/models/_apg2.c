@@ -60,7 +60,8 @@ static void rebuild_chunk(const float *const *ys, const float *d, float *const *
     for (int64_t b = lo; b < hi; b += REBUILD_BLOCK) {
         int64_t e = b + REBUILD_BLOCK < hi ? b + REBUILD_BLOCK : hi;
         for (int64_t j = 0; j < steps; j++) {
-            const float t0 = ts[j], t1 = ts[j + 1], a = 1.0f - t0, c = t1 * a, inv_scale = 1.0f / (1.0f + t1 * (a / t0));
+            const float t0 = ts[j], t1 = ts[j + 1], a = 1.0f - t0, c = t1 * a;
+            const float inv_scale = 1.0f / (1.0f + t1 * (a / t0));
             const float *y = ys[j], *y1 = ys[j + 1], *dj = j ? ds[j - 1] : d;
             float *d1 = ds[j];
 #pragma GCC ivdep
@@ -74,7 +75,7 @@ static void rebuild_chunk(const float *const *ys, const float *d, float *const *
 
 /* d_{a+1}..d_{a+steps} into ds[0..steps-1], forward from d = d_a (NULL: 0) through ys[0..steps] = y_a..y_{a+steps}
  * and ts[0..steps] = t_a..t_{a+steps}, F rebuilt at each step: backward's d's of one segment, from the d the driver
- * kept. Done block by block through all the steps, so each y is read once and each d written once. */
+ * kept. Done block by block through all the steps, so each y comes from memory once and each d is written once. */
 void apg2_rebuild(const float *const *ys, const float *d, float *const *ds, int64_t steps, const float *ts, int64_t n,
                   int threads) {
     int nt = threads_for(n, threads);

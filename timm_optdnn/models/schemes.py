@@ -161,7 +161,8 @@ class Apg2Step(torch.autograd.Function):
             g_t = (ctypes.c_double * 2)()
             _backward(y.data_ptr(), y1.data_ptr(), _ptr(d), g_y1.data_ptr(), _ptr(g_d1), g_fy.data_ptr(), _ptr(g_d),
                       y.numel(), float(t0), float(t1), torch.get_num_threads(), g_t)
-            return g_y1, g_fy, g_d, t0.new_tensor(g_t[0]), t1.new_tensor(g_t[1]), None, None, None, None, *[None] * len(ys)
+            g_t0, g_t1 = t0.new_tensor(g_t[0]), t1.new_tensor(g_t[1])
+            return g_y1, g_fy, g_d, g_t0, g_t1, None, None, None, None, *[None] * len(ys)
         d = torch.zeros_like(y) if d is None else d
         fy = rebuilt_f(y, y1, d, t0, t1)
         d1 = (1 - t0) * (d + fy / t0)
