@@ -472,11 +472,13 @@ def test_torchscript(family, scheme):
         torch.testing.assert_close(scripted(x), model(x))
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["traced_with_grad", "traced_without_grad"])
 @pytest.mark.parametrize("family", ["vit", "convnext"])
-def test_fx_feature_extraction(family):
+def test_fx_feature_extraction(family, grad):
     from torchvision.models.feature_extraction import create_feature_extractor
     model = tiny(family).eval()
-    extractor = create_feature_extractor(model, return_nodes={"norm": "norm", "head": "logits"})
+    with torch.set_grad_enabled(grad):  # timm's suite traces under no_grad: the apg2 step's inference path
+        extractor = create_feature_extractor(model, return_nodes={"norm": "norm", "head": "logits"})
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         out = extractor(x)

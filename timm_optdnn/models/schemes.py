@@ -67,12 +67,13 @@ FUSED = True  # False: the apg2 step always in torch ops (what CUDA and bfloat16
 def fusable(*tensors: torch.Tensor) -> bool:
     """Whether `_apg2.c` can run the step: float32 CPU tensors of one shape and one dense layout, outside tracers and
     torch.compile (which cannot see into a ctypes call; inductor fuses the torch ops itself)."""
+    if not FUSED or is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False  # first: fx's proxies cannot answer the questions below
     y = tensors[0]
-    return (FUSED and y.device.type == "cpu" and y.dtype == torch.float32
+    return (y.device.type == "cpu" and y.dtype == torch.float32
             and (y.is_contiguous() or (y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last)))
             and all(t.dtype == y.dtype and t.device == y.device and t.shape == y.shape and t.stride() == y.stride()
-                    for t in tensors[1:])
-            and not (is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling()))
+                    for t in tensors[1:]))
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
