@@ -222,6 +222,18 @@ def test_apg2_inference_overwrites_only_its_own_state(monkeypatch):
     assert in_place == [False, True, True, True]
 
 
+def test_apg2_inference_takes_torch_ops_for_a_branch_output_in_another_layout():
+    class Transposed(Lin):  # F(y) of y's shape in column-major strides: the fused kernel would misread it
+        def forward(self, x):
+            return super().forward(x).t().contiguous().t()
+
+    blocks = SchemeBlocks([Lin(0), Transposed(1), Lin(2), Lin(3)], scheme="apg2")
+    x = torch.randn(20000, 4)
+    expected = blocks(x).detach()
+    with torch.no_grad():
+        torch.testing.assert_close(blocks(x), expected)
+
+
 @pytest.mark.parametrize("family", ["vit", "convnext"])
 @pytest.mark.parametrize("depth", [2, 10])
 def test_apg2_saves_every_mth_state_beyond_gd_and_nothing_else(family, depth):

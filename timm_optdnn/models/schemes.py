@@ -72,8 +72,11 @@ def fusable(*tensors: torch.Tensor) -> bool:
     y = tensors[0]
     return (y.device.type == "cpu" and y.dtype == torch.float32
             and (y.is_contiguous() or (y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last)))
-            and all(t.dtype == y.dtype and t.device == y.device and t.shape == y.shape and t.stride() == y.stride()
-                    for t in tensors[1:]))
+            and all(same_layout(t, y) for t in tensors[1:]))
+
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.device == b.device and a.shape == b.shape and a.stride() == b.stride()
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
@@ -207,10 +210,11 @@ class SchemeBlocks(nn.ModuleList):
         d = torch.zeros_like(x) if self.scheme == "apg2" else x
         trail: List[torch.Tensor] = []  # apg2 with autograd: the last d kept for backward and the states since
         rebuilt: Dict[int, torch.Tensor] = {}  # and the d's its backward rebuilds (Apg2Step)
-        # apg2 without autograd: which y_k the step may write y_{k+1} over; once per forward, as the branches' ops
-        # leave the caches cold for Python (~65 us per block for this walk there, ~10 us here)
-        writable = self.writable_inputs() if self.scheme == "apg2" and not torch.jit.is_scripting() \
-            and not torch.is_grad_enabled() else [False] * len(self.drop_path_rates)
+        # apg2 without autograd on float32 CPU: the fused step, with the t_k as floats and the y_k it may write over
+        # decided once per forward, and per block only F(y)'s layout checked. Between branches the caches are cold
+        # for Python: there the general path's checks cost ~190 us per block, ~0.5% of ViT-Ti's inference.
+        ts, writable = self.inference_plan(x) if self.scheme == "apg2" and not torch.jit.is_scripting() \
+            and not torch.is_grad_enabled() else ([], [])
         kept: List[torch.Tensor] = []
         for k, f in enumerate(self):
             if k < stop:  # TorchScript unrolls this loop and allows no `break`
@@ -235,24 +239,20 @@ class SchemeBlocks(nn.ModuleList):
                     if k + 1 < stop:
                         if torch.jit.is_scripting():
                             y, d = apg2_step(y, fy, d, self.coef[k], self.coef[k + 1])
+                        elif ts and same_layout(fy, y):  # written over the old state: docs/models.md
+                            y, d = fused_forward(y, fy, d, ts[k], ts[k + 1], y_out=y if writable[k] else None, d_out=d)
                         else:
-                            y, d = self.apg2_step_lean(y, fy, d, self.coef[k], self.coef[k + 1], k, trail,
-                                                          rebuilt, writable[k])
+                            y, d = self.apg2_step_lean(y, fy, d, self.coef[k], self.coef[k + 1], k, trail, rebuilt)
                 if k in keep:
                     kept.append(x)
         return x, kept
 
     @torch.jit.unused
     def apg2_step_lean(self, y: torch.Tensor, fy: torch.Tensor, d: torch.Tensor, t0: torch.Tensor,
-                       t1: torch.Tensor, k: int, trail: List[torch.Tensor], rebuilt: Dict[int, torch.Tensor],
-                       write_y: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        if not torch.is_grad_enabled():
-            if not fusable(y, fy, d):  # also under tracers
-                return apg2_step(y, fy, d, t0, t1)
-            # Without autograd the new state is written over the old: a block then leaves one fresh tensor, as gd's
-            # x + F(x) does, not two (docs/models.md). d is the driver's own; y_k only if `writable_inputs` says so.
-            return fused_forward(y, fy, d, t0, t1, y_out=y if write_y else None, d_out=d)
-        if is_fx_symbolic_tracing() or torch.jit.is_tracing():  # tracers (fx, fvcore) cannot see into a Function
+                       t1: torch.Tensor, k: int, trail: List[torch.Tensor], rebuilt: Dict[int, torch.Tensor]
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+        # tracers (fx, fvcore) cannot see into a Function
+        if not torch.is_grad_enabled() or is_fx_symbolic_tracing() or torch.jit.is_tracing():
             return apg2_step(y, fy, d, t0, t1)
         # every m-th d is kept for backward, which rebuilds the others from it (Apg2Step)
         a = k - k % math.ceil(math.sqrt(len(self)))
@@ -263,12 +263,15 @@ class SchemeBlocks(nn.ModuleList):
         return Apg2Step.apply(y, fy, d, t0, t1, self.coef.detach()[a:k + 1], k, rebuilt, kept, *ys)
 
     @torch.jit.unused
-    def writable_inputs(self) -> List[bool]:
-        """Per branch, whether its input y_k is the driver's own to overwrite: not the caller's y_0, and no forward
-        hook (global, or on the branch or inside it) that may hold on to it."""
+    def inference_plan(self, x: torch.Tensor) -> Tuple[List[float], List[bool]]:
+        """For a forward without autograd from x: t_0..t_L-1 if `_apg2.c` can run its steps (none if not), and per
+        branch whether its input y_k is the driver's own to overwrite: not the caller's y_0, and no forward hook
+        (global, or on the branch or inside it) that may hold on to it."""
+        if not fusable(x):
+            return [], []
         hooked = bool(_global_forward_hooks or _global_forward_pre_hooks)
-        return [k > 0 and not hooked and not any(m._forward_hooks or m._forward_pre_hooks for m in f.modules())
-                for k, f in enumerate(self)]
+        return self.coef.tolist(), [k > 0 and not hooked and not any(m._forward_hooks or m._forward_pre_hooks
+                                                                      for m in f.modules()) for k, f in enumerate(self)]
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
