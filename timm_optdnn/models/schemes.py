@@ -56,6 +56,11 @@ def apg2_step(y: torch.Tensor, fy: torch.Tensor, d: torch.Tensor, t0: torch.Tens
     return torch.addcmul(y + fy, d1, t1), d1
 
 
+def next_d(d: torch.Tensor, fy: torch.Tensor, t0: torch.Tensor) -> torch.Tensor:
+    """d' = (1 - t0)(d + F(y)/t0), out of place (`apg2_step` fuses it in place for the driver)."""
+    return (1 - t0) * (d + fy / t0)
+
+
 def rebuilt_f(y: torch.Tensor, y1: torch.Tensor, d: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
     """F(y) from y, y' and d: y' - y = F + t1 (1 - t0)(d + F/t0), a division by 1 + t1 (1 - t0)/t0 >= 1 for t in (0, 1]."""
     return (y1 - y - t1 * (1 - t0) * d) / (1 + t1 * (1 - t0) / t0)
@@ -107,8 +112,7 @@ def rebuild_d(kept: Optional[torch.Tensor], ys: Sequence[torch.Tensor], ts: torc
         return ds
     d, ds = torch.zeros_like(ys[0]) if kept is None else kept, []
     for j in range(len(ys) - 1):
-        t0 = ts[j]
-        d = (1 - t0) * (d + rebuilt_f(ys[j], ys[j + 1], d, t0, ts[j + 1]) / t0)
+        d = next_d(d, rebuilt_f(ys[j], ys[j + 1], d, ts[j], ts[j + 1]), ts[j])
         ds.append(d)
     return ds
 
@@ -169,7 +173,7 @@ class Apg2Step(torch.autograd.Function):
             return g_y1, g_fy, g_d, g_t0, g_t1, None, None, None, None, *[None] * len(ys)
         d = torch.zeros_like(y) if d is None else d
         fy = rebuilt_f(y, y1, d, t0, t1)
-        d1 = (1 - t0) * (d + fy / t0)
+        d1 = next_d(d, fy, t0)
         g_d1 = t1 * g_y1 if g_d1 is None else g_d1 + t1 * g_y1  # d' reaches the loss directly and through y'
         g_t0 = -(g_d1 * (d + fy / (t0 * t0))).sum()
         return (g_y1, g_y1 + g_d1 * ((1 - t0) / t0), g_d1 * (1 - t0), g_t0, (g_y1 * d1).sum(), None, None, None, None,
@@ -270,8 +274,9 @@ class SchemeBlocks(nn.ModuleList):
         if not fusable(x):
             return [], []
         hooked = bool(_global_forward_hooks or _global_forward_pre_hooks)
-        return self.coef.tolist(), [k > 0 and not hooked and not any(m._forward_hooks or m._forward_pre_hooks
-                                                                      for m in f.modules()) for k, f in enumerate(self)]
+        writable = [k > 0 and not hooked and not any(m._forward_hooks or m._forward_pre_hooks for m in f.modules())
+                    for k, f in enumerate(self)]
+        return self.coef.tolist(), writable
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
