@@ -21,23 +21,23 @@ $(STAMP): pyproject.toml setup.py timm_optdnn/data/_jpeg.c timm_optdnn/models/_a
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m train.demo
+	$(PY) -m timm_optdnn.training.demo
 
 demo-compare: $(STAMP)
-	$(PY) -m train.demo --compare
+	$(PY) -m timm_optdnn.training.demo --compare
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x --durations=15
 
 # timm's own tests/test_models.py (from timm's sdist on PyPI) on the optdnn models; ~2 min, not part of `test`
 timm-suite: $(STAMP)
-	$(PY) tests/run_timm_suite.py
+	$(PY) tools/run_timm_suite.py
 
 flops: $(STAMP)
 	$(PY) -m timm_optdnn.flops
 
 benchmark: $(STAMP)
-	$(PY) -m timm_optdnn.benchmark
+	$(PY) -m timm_optdnn.training.benchmark
 
 clean:
 	rm -rf .venv build *.egg-info

@@ -2,3 +2,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # test helpers (e.g. reference_convnext_iso) import by name
+
+
+def make_loaders(train_path, val_path, *, num_classes, distributed=False, seed=0, device="cpu", **data):
+    """create_loaders with the data section's fields as keywords, as the tests were written."""
+    from timm_optdnn.data import DataConfig, create_loaders
+    return create_loaders(DataConfig(str(train_path), str(val_path), **data), num_classes=num_classes,
+                          distributed=distributed, seed=seed, device=device)

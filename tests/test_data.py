@@ -16,7 +16,8 @@ pytest.importorskip("ffcv")
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform  # noqa: E402
 
-from timm_optdnn.data import create_loaders, resolution, write_beton  # noqa: E402
+from timm_optdnn.data import resolution, write_beton  # noqa: E402
+from conftest import make_loaders  # noqa: E402
 from timm_optdnn.data.sources import load_rgb, read_fashion_mnist  # noqa: E402
 from timm_optdnn.data.write import main  # noqa: E402
 
@@ -79,7 +80,7 @@ def test_val_pixels_and_labels_match_source(betons, folder):
     """Raw storage, crop_pct=1 on 48x48 center crops of the 64x48 sources: exact pixels, one label per image."""
     files = sorted(folder.rglob("*.JPEG"))
     for kind, tol in (("raw", 1), ("jpg", 8)):
-        _, val = create_loaders(betons[kind], betons[kind], num_classes=3, batch_size=4, num_workers=1,
+        _, val = make_loaders(betons[kind], betons[kind], num_classes=3, batch_size=4, num_workers=1,
                                 img_size=48, crop_pct=1.0)
         images, labels = map(torch.cat, zip(*val))
         assert labels.dtype == torch.int64 and labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
@@ -91,7 +92,7 @@ def test_val_pixels_and_labels_match_source(betons, folder):
 @pytest.mark.timeout(120)
 def test_val_center_crop_matches_timm_reference(betons, folder):
     """crop_pct 0.875 at 32 px vs timm's eval transform (resize shorter side to 32/0.875, center crop 32)."""
-    _, val = create_loaders(betons["jpg"], betons["jpg"], num_classes=3, batch_size=12, num_workers=1,
+    _, val = make_loaders(betons["jpg"], betons["jpg"], num_classes=3, batch_size=12, num_workers=1,
                             img_size=32, crop_pct=0.875)
     images, _ = next(iter(val))
     tf = create_transform(32, is_training=False, crop_pct=0.875, interpolation="bilinear")
@@ -107,14 +108,14 @@ def test_fast_decoders_close_to_stock_ffcv(tmp_path):
     1/2 / 1/4 scale; both decoders against full decode + box-filter resize of the same crop (PIL). Train: the whole
     photo (a crop every decoder draws the same) bilinearly resized from a 1/2-scale decode, against stock FFCV's
     full decode + INTER_AREA; a certain flip is the exact mirror image."""
-    from timm_optdnn.data.benchmark import make_photos
+    from tools.loader_benchmark import make_photos
     root = make_photos(tmp_path / "train", 8, classes=2)
     write_beton(str(root), tmp_path / "photos.beton", workers=1)
     beton = tmp_path / "photos.beton"
     for res in (112, 64):
         out = {}
         for fast in (False, True):
-            _, val = create_loaders(beton, beton, num_classes=2, batch_size=8, num_workers=1, img_size=res,
+            _, val = make_loaders(beton, beton, num_classes=2, batch_size=8, num_workers=1, img_size=res,
                                     crop_pct=0.875, fast_decode=fast)
             out[fast] = to_uint8(next(iter(val))[0]).float()
         refs = []
@@ -129,7 +130,7 @@ def test_fast_decoders_close_to_stock_ffcv(tmp_path):
         assert not torch.equal(out[False], out[True])  # the scaled path really ran
 
     def train_batch(fast: bool, hflip: float) -> torch.Tensor:
-        train, _ = create_loaders(beton, beton, num_classes=2, batch_size=8, num_workers=1, img_size=112, hflip=hflip,
+        train, _ = make_loaders(beton, beton, num_classes=2, batch_size=8, num_workers=1, img_size=112, hflip=hflip,
                                   scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3), order="sequential", fast_decode=fast)
         return to_uint8(next(iter(train))[0]).float()
     fast, stock = train_batch(True, 0.0), train_batch(False, 0.0)
@@ -141,7 +142,7 @@ def test_region_decode_equals_full_decode(tmp_path):
     """decode_region (our C, libjpeg-turbo's partial decoding) gives the crop of a full decode bit for bit, at every
     DCT scale, for crops touching any edge; errors are return codes, not crashes."""
     from ffcv.libffcv import imdecode
-    from timm_optdnn.data.benchmark import make_photos
+    from tools.loader_benchmark import make_photos
     from timm_optdnn.data.decoders import _decode_region
     files = sorted(make_photos(tmp_path, 4, classes=1).rglob("*.jpg"))
     rng = np.random.default_rng(0)
@@ -170,7 +171,7 @@ def test_region_decode_equals_full_decode(tmp_path):
 @pytest.mark.timeout(120)
 def test_loader_benchmark_runs_rows_apart_and_rejects_bad_counts(tmp_path, capsys):
     """The benchmark measures each row in a fresh interpreter (here the decode bound on 3 real photos)."""
-    from timm_optdnn.data.benchmark import decode_bound, in_fresh_process, main as bench_main, make_photos
+    from tools.loader_benchmark import decode_bound, in_fresh_process, main as bench_main, make_photos
     root = make_photos(tmp_path / "photos", 3, classes=1)
     assert in_fresh_process(decode_bound, root, 2) > 0
     for flag in ("--repeats", "--images", "--epochs"):
@@ -184,14 +185,14 @@ def test_loader_benchmark_runs_rows_apart_and_rejects_bad_counts(tmp_path, capsy
 def test_fashion_mnist_roundtrip(fmnist):
     images, labels = read_fashion_mnist("test")
     idx = np.sort(np.random.default_rng(0).choice(len(images), 200, replace=False))
-    _, val = create_loaders(fmnist, fmnist, num_classes=10, batch_size=64, num_workers=2, img_size=28, crop_pct=1.0)
+    _, val = make_loaders(fmnist, fmnist, num_classes=10, batch_size=64, num_workers=2, img_size=28, crop_pct=1.0)
     got, got_labels = map(torch.cat, zip(*val))
     assert got_labels.tolist() == labels[idx].tolist()
     ref = torch.from_numpy(images[idx]).unsqueeze(1).expand(-1, 3, -1, -1)
     assert torch.equal(to_uint8(got), ref)  # raw storage: bit exact
     # both layouts of the normalised batch hold the same values, also where 16 does not divide the pixel count
     for size in (28, 27):
-        batches = [next(iter(create_loaders(fmnist, fmnist, num_classes=10, batch_size=64, num_workers=2, img_size=size,
+        batches = [next(iter(make_loaders(fmnist, fmnist, num_classes=10, batch_size=64, num_workers=2, img_size=size,
                                             crop_pct=1.0, channels_last=cl)[1]))[0] for cl in (False, True)]
         assert batches[1].is_contiguous(memory_format=torch.channels_last) and batches[0].is_contiguous()
         assert torch.equal(batches[0], batches[1])
@@ -200,7 +201,7 @@ def test_fashion_mnist_roundtrip(fmnist):
 @pytest.mark.timeout(180)
 def test_train_loader_contract(fmnist):
     kw = dict(num_classes=10, batch_size=16, num_workers=2, img_size=24, scale=(0.35, 1.0), seed=3)
-    train, val = create_loaders(fmnist, fmnist, channels_last=True, **kw)
+    train, val = make_loaders(fmnist, fmnist, channels_last=True, **kw)
     assert len(train) == 200 // 16 and not train.soft_targets and len(val) == 13
     train.set_epoch(1)
     epoch1 = [(x, y) for x, y in train]
@@ -226,7 +227,7 @@ def test_train_loader_contract(fmnist):
             break
     time.sleep(1.5)  # FFCV's prefetch thread polls its stop flag every 0.5 s
     assert threading.active_count() == threads
-    twin, _ = create_loaders(fmnist, fmnist, **kw)  # a new process resuming: the same seeded crops
+    twin, _ = make_loaders(fmnist, fmnist, **kw)  # a new process resuming: the same seeded crops
     twin.set_epoch(1)
     assert torch.equal(next(iter(twin))[0], x)
 
@@ -238,11 +239,11 @@ def test_seeded_crops_follow_the_sample_not_the_batch(fmnist):
     kw = dict(num_classes=10, num_workers=1, img_size=24, scale=(0.35, 1.0), seed=3)
     epochs = {}
     for bs in (16, 8):
-        train, _ = create_loaders(fmnist, fmnist, batch_size=bs, **kw)
+        train, _ = make_loaders(fmnist, fmnist, batch_size=bs, **kw)
         train.set_epoch(1)
         epochs[bs] = torch.cat([x for x, _ in train])
     assert torch.equal(epochs[16], epochs[8][: len(epochs[16])])
-    train, _ = create_loaders(fmnist, fmnist, batch_size=12, repeated_aug=3, **kw)
+    train, _ = make_loaders(fmnist, fmnist, batch_size=12, repeated_aug=3, **kw)
     train.set_epoch(0)
     x, y = next(iter(train))  # timm's RepeatAugSampler on one rank: copies a, a, a, b, b, b, ...
     assert y[0] == y[1] == y[2] and not torch.equal(x[0], x[1]) and not torch.equal(x[1], x[2])
@@ -250,7 +251,7 @@ def test_seeded_crops_follow_the_sample_not_the_batch(fmnist):
 
 @pytest.mark.timeout(180)
 def test_train_augment_and_progressive_resizing(fmnist):
-    train, _ = create_loaders(fmnist, fmnist, num_classes=10, batch_size=32, num_workers=2, img_size=28,
+    train, _ = make_loaders(fmnist, fmnist, num_classes=10, batch_size=32, num_workers=2, img_size=28,
                               res_schedule=(16, 28, 0, 3), rand_augment="rand-m9-mstd0.5-inc1", re_prob=0.5,
                               mixup=0.8, cutmix=1.0, label_smoothing=0.1)
     assert train.soft_targets
@@ -263,7 +264,7 @@ def test_train_augment_and_progressive_resizing(fmnist):
 
 
 def test_freed_batch_memory_is_kept_for_the_next_batch():
-    from timm_optdnn.data.loaders import retain_freed_memory
+    from timm_optdnn.data.process import retain_freed_memory
     assert retain_freed_memory()  # glibc here
 
     class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2: allocator state, not kernel fault accounting
@@ -294,7 +295,7 @@ def test_resolution_schedule():
 
 @pytest.mark.timeout(180)
 def test_torchvision_backend_same_interface(folder):
-    train, val = create_loaders(str(folder), str(folder), num_classes=3, backend="torchvision", batch_size=4,
+    train, val = make_loaders(str(folder), str(folder), num_classes=3, backend="torchvision", batch_size=4,
                                 num_workers=1, img_size=32, rand_augment="rand-m9-mstd0.5-inc1", re_prob=0.25,
                                 label_smoothing=0.1, res_schedule=(24, 32, 0, 1))
     assert len(train) == 3 and train.soft_targets and len(val) == 3

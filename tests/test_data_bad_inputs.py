@@ -13,7 +13,8 @@ pytest.importorskip("ffcv")
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 
-from timm_optdnn.data import check_beton, create_loaders, write_beton  # noqa: E402
+from timm_optdnn.data import check_beton, write_beton  # noqa: E402
+from conftest import make_loaders  # noqa: E402
 from timm_optdnn.data.sources import load_rgb, read_fashion_mnist  # noqa: E402
 from timm_optdnn.data.write import main  # noqa: E402
 
@@ -55,7 +56,7 @@ def test_convertible_written_undecodable_skipped(messy, tmp_path):
     assert all(s["reason"] for s in meta["skipped"])
     assert load_rgb(messy / "b/exif.jpg").size == (24, 48)  # EXIF rotation applied
     assert load_rgb(messy / "b/sixteen.png").getpixel((0, 0)) == (128, 128, 128)  # scaled, not clipped to 255
-    _, val = create_loaders(out, out, num_classes=3, batch_size=8, num_workers=1, img_size=16, crop_pct=1.0)
+    _, val = make_loaders(out, out, num_classes=3, batch_size=8, num_workers=1, img_size=16, crop_pct=1.0)
     images, labels = next(iter(val))
     assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2]
     mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN), torch.tensor(IMAGENET_DEFAULT_STD)
@@ -149,18 +150,18 @@ def test_loader_rejects_bad_betons(messy, tmp_path):
         bad.write_bytes(content)
         shutil.copy(f"{good}.meta.json", f"{bad}.meta.json")
         with pytest.raises(ValueError, match=msg):
-            create_loaders(bad, good, num_classes=3, batch_size=2)
+            make_loaders(bad, good, num_classes=3, batch_size=2)
     other = tmp_path / "other.beton"
     write_beton("fashion-mnist", other, split="test", subset=0.001, workers=1)
     with pytest.raises(ValueError, match="10 classes"):
-        create_loaders(good, other, num_classes=3, batch_size=2)
+        make_loaders(good, other, num_classes=3, batch_size=2)
     with pytest.raises(ValueError, match="backend"):
-        create_loaders(good, good, num_classes=3, batch_size=2, backend="dali")
+        make_loaders(good, good, num_classes=3, batch_size=2, backend="dali")
     with pytest.raises(ValueError, match="even batch_size"):
-        create_loaders(good, good, num_classes=3, batch_size=3, mixup=0.8)
+        make_loaders(good, good, num_classes=3, batch_size=3, mixup=0.8)
     with pytest.raises(ValueError, match="order must be one of"):
-        create_loaders(good, good, num_classes=3, batch_size=2, order="shuffled")
+        make_loaders(good, good, num_classes=3, batch_size=2, order="shuffled")
     with pytest.raises(ValueError, match="os_cache=False"):
-        create_loaders(good, good, num_classes=3, batch_size=2, order="quasi_random")
+        make_loaders(good, good, num_classes=3, batch_size=2, order="quasi_random")
     with pytest.raises(RuntimeError, match="torch.distributed initialised"):
-        create_loaders(good, good, num_classes=3, batch_size=2, distributed=True)
+        make_loaders(good, good, num_classes=3, batch_size=2, distributed=True)

@@ -14,7 +14,8 @@ from PIL import Image
 pytest.importorskip("ffcv")
 # numba prints a KeyError while garbage-collecting FFCV's compiled ctypes wrappers: harmless, not ours
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-from timm_optdnn.data import create_loaders, write_beton  # noqa: E402
+from timm_optdnn.data import write_beton  # noqa: E402
+from conftest import make_loaders  # noqa: E402
 
 N = 41
 
@@ -23,13 +24,13 @@ def _rank(rank: int, port: int, folder: str, beton: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     seen = {}
     for backend, path, workers in (("ffcv", beton, 1), ("torchvision", folder, 0)):
-        train, val = create_loaders(path, path, num_classes=N, backend=backend, batch_size=4, num_workers=workers,
+        train, val = make_loaders(path, path, num_classes=N, backend=backend, batch_size=4, num_workers=workers,
                                     img_size=16, drop_last=False, distributed=True, seed=7)
         for epoch in (0, 1):
             train.set_epoch(epoch)
             seen[f"{backend}_train{epoch}"] = [t for _, y in train for t in y.tolist()]
         seen[f"{backend}_val"] = [t for _, y in val for t in y.tolist()]
-        train, _ = create_loaders(path, path, num_classes=N, backend=backend, batch_size=4, num_workers=workers,
+        train, _ = make_loaders(path, path, num_classes=N, backend=backend, batch_size=4, num_workers=workers,
                                   img_size=16, drop_last=False, distributed=True, seed=7, repeated_aug=3)
         for epoch in (0, 1):
             train.set_epoch(epoch)

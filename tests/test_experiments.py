@@ -9,7 +9,7 @@ import matplotlib.image
 import pytest
 import torch
 
-from timm_optdnn.experiments import common, fmnist_schemes, parity, rings, sawtooth, width_depth
+from experiments import common, fmnist_schemes, parity, rings, sawtooth, width_depth
 from timm_optdnn.models.mlp import OptDNNMLP
 from timm_optdnn.models.schemes import SCHEMES, SchemeBlocks, init_coefficients
 
@@ -66,11 +66,11 @@ def test_quick_mode(experiment, tmp_path, built):
 
 @pytest.mark.timeout(240)
 def test_fmnist_schemes_quick_trains_each_scheme_through_the_driver(tmp_path):
-    from timm_optdnn.export import export_state_dict
-    from train.config import load_config
-    from train.train import create_model
+    from timm_optdnn.training.export import export_state_dict
+    from timm_optdnn.training.config import load_config
+    from timm_optdnn.training.trainer import create_model
     # a child process, as CI runs the command: its in-process training leaves distributed state behind
-    r = subprocess.run([sys.executable, "-m", "timm_optdnn.experiments.fmnist_schemes", "--quick", "--out",
+    r = subprocess.run([sys.executable, "-m", "experiments.fmnist_schemes", "--quick", "--out",
                         str(tmp_path), "--runs", str(tmp_path / "runs")], capture_output=True, text=True, timeout=230)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from timm_optdnn.benchmark import MB, Pair, format_table, measure_rss, peak_live_bytes
-from timm_optdnn.benchmark import main as bench_main
+from timm_optdnn.training.benchmark import MB, Pair, format_table, measure_rss, peak_live_bytes
+from timm_optdnn.training.benchmark import main as bench_main
 from timm_optdnn.models import schemes
 from timm_optdnn.flops import PUBLISHED, build, count, main, profile
 

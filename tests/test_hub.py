@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 import timm_optdnn  # noqa: F401  registers the models
-from timm_optdnn.hub import PretrainedWeightsError, expected_sha256, main, sha256_file
+from timm_optdnn.pretrained import PretrainedWeightsError, expected_sha256, sha256_file
+from timm_optdnn.training.publish import main
 
 FAMILIES = {  # both builders route pretrained=True through the verified download
     "convnext": ("optdnn_apg2_convnext_iso_s", dict(dim=32, depth=3, patch_size=8, num_classes=5)),
@@ -280,7 +281,7 @@ def fashion_mnist_test(tmp_path_factory) -> Path:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_weights_load_offline_and_score_their_model_card(name, fashion_mnist_test):
-    from timm_optdnn.data import create_loaders
+    from conftest import make_loaders
     with offline():
         model = timm.create_model(name, pretrained=True).eval()
     folder = Path(model.pretrained_cfg["file"]).parent
@@ -288,7 +289,7 @@ def test_shipped_weights_load_offline_and_score_their_model_card(name, fashion_m
     assert "Fashion-MNIST" in card, f"{name}: only Fashion-MNIST weights are shipped and evaluated here"
     stated = float(re.search(r"\*\*Top-1 accuracy \(%\):\*\* ([0-9.]+)", card).group(1))
     data = timm.data.resolve_data_config({}, model=model)  # the preprocessing the tag declares, as a user gets it
-    _, val = create_loaders(str(fashion_mnist_test), str(fashion_mnist_test), num_classes=model.num_classes,
+    _, val = make_loaders(str(fashion_mnist_test), str(fashion_mnist_test), num_classes=model.num_classes,
                             batch_size=1000, num_workers=2, img_size=data["input_size"][-1],
                             crop_pct=data["crop_pct"], mean=data["mean"], std=data["std"])
     correct = seen = 0

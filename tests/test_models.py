@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import timm_optdnn
-from timm_optdnn.benchmark import saved_bytes
+from timm_optdnn.training.benchmark import saved_bytes
 from timm_optdnn.models import schemes
 from timm_optdnn.models.schemes import Apg2Step, SchemeBlocks, apg2_step, fused_forward, init_coefficients
 from reference_convnext_iso import ConvNeXtIsotropic

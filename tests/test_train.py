@@ -30,7 +30,7 @@ TINY = ["model=optdnn_apg2_convnext_iso_fm", "model_kwargs={dim: 32, depth: 3}",
 
 
 def _port() -> int:
-    from train.train import _free_port
+    from timm_optdnn.training.trainer import _free_port
     return _free_port()
 
 
@@ -109,12 +109,12 @@ def test_zero2_run_logs_evaluates_and_keeps_last_checkpoints(reference):
 @pytest.mark.timeout(120)
 def test_export_reload_matches_training_eval(reference, data, tmp_path):
     import timm
-    from timm_optdnn.data import create_loaders
-    from timm_optdnn.export import export
-    from train.train import evaluate
+    from conftest import make_loaders
+    from timm_optdnn.training.export import export
+    from timm_optdnn.training.trainer import evaluate
     out, *_ = reference
     last = json.loads((out / "result.json").read_text())["last"]
-    _, val = create_loaders(data[0].split("=", 1)[1], data[1].split("=", 1)[1], num_classes=10, batch_size=32,
+    _, val = make_loaders(data[0].split("=", 1)[1], data[1].split("=", 1)[1], num_classes=10, batch_size=32,
                             val_batch_size=100, num_workers=1, img_size=28, crop_pct=1.0,
                             mean=(0.286,) * 3, std=(0.353,) * 3)
     for ema, key in ((False, "top1"), (True, "ema_top1")):
@@ -172,7 +172,7 @@ def assert_same_steps(a: list, b: list, rtol: float) -> None:
 
 @pytest.mark.timeout(900)
 def test_grad_accum_2_equals_double_batch_and_resumes_mid_epoch(plain, data, tmp_path):
-    from timm_optdnn.export import client_state
+    from timm_optdnn.training.export import client_state
     # batch 16 x 2 micro-batches per step sees the same samples per step as batch 32: each rank's order is the
     # same shard of the same permutation, cut into 16s instead of 32s. With drop_last, 600 samples per rank give 37
     # batches of 16 (one left over, not read) and 18 of 32, so both runs have 18 steps per epoch over the same
@@ -200,7 +200,7 @@ def test_grad_accum_2_equals_double_batch_and_resumes_mid_epoch(plain, data, tmp
 @pytest.mark.parametrize("stage", [0, 3])
 def test_zero0_and_zero3_step_like_zero1_and_export(plain, data, tmp_path, stage):
     import timm
-    from timm_optdnn.export import export_state_dict
+    from timm_optdnn.training.export import export_state_dict
     r = run(deepspeed_cmd(*PLAIN, *data, f"zero_stage={stage}", f"out_dir={tmp_path}", "max_steps=4"))
     assert r.returncode == 0, r.log[-3000:]
     assert f"ZeRO-{stage} fp32" in r.log
@@ -224,7 +224,7 @@ def test_other_timm_optimizer_under_zero2(data, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_bf16_zero1_on_cpu_computes_in_bf16_with_fp32_master_weights(plain, data, tmp_path):
-    from timm_optdnn.export import client_state, export_state_dict
+    from timm_optdnn.training.export import client_state, export_state_dict
     r = run(deepspeed_cmd(*PLAIN, *data, "zero_stage=1", "precision=bf16", f"out_dir={tmp_path}", "max_steps=8"))
     assert r.returncode == 0, r.log[-3000:]
     assert "ZeRO-1 bf16 on cpu" in r.log
@@ -241,7 +241,7 @@ def test_bf16_zero1_on_cpu_computes_in_bf16_with_fp32_master_weights(plain, data
 
 @pytest.mark.timeout(480)
 def test_zero1_nonfinite_loss_stops_with_last_checkpoint_intact(data, tmp_path):
-    from timm_optdnn.export import export_state_dict
+    from timm_optdnn.training.export import export_state_dict
     r = run(deepspeed_cmd(*TINY, *data, "zero_stage=1", f"out_dir={tmp_path}", "lr=1e12", "warmup_epochs=0",
                           "ckpt_every_steps=1"))
     assert r.returncode != 0 and "non-finite loss" in r.log, r.log[-3000:]
@@ -268,7 +268,7 @@ def test_dead_or_hung_rank_ends_the_run_within_dist_timeout(data, tmp_path, sig)
     """Two torchrun agents (2 "nodes" on 127.0.0.1, so neither launcher kills the other's rank): rank 1 is
     killed (its sockets close) or stopped (a hung node: its sockets stay open, only the timeout can tell)
     mid-training. Rank 0 must fail within dist_timeout_s, not hang, and `latest` must name a complete checkpoint."""
-    from timm_optdnn.export import client_state, export_state_dict
+    from timm_optdnn.training.export import client_state, export_state_dict
     timeout_s, out, port = 20, tmp_path / "run", _port()
     logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
     agents = [subprocess.Popen(
@@ -317,7 +317,7 @@ def test_dead_or_hung_rank_ends_the_run_within_dist_timeout(data, tmp_path, sig)
     (["epochs"], "override 'epochs' is not key=value"),
 ])
 def test_config_errors_are_clear(overrides, message):
-    from train.config import ConfigError, load_config
+    from timm_optdnn.training.config import ConfigError, load_config
     with pytest.raises(ConfigError) as e:
         load_config(str(ROOT / "configs" / "demo.yaml"), overrides)
     assert message in str(e.value)

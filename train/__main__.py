@@ -1,29 +1,7 @@
-"""python -m train --config configs/<recipe>.yaml [key=value ...] [--plan]"""
-import argparse
+"""`python -m train` from a checkout: the trainer's command line (installed: `optdnn-train`)."""
 import sys
 
-from .config import ConfigError, load_config
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train", description=__doc__)
-    p.add_argument("--config", help="YAML recipe (configs/*.yaml)")
-    p.add_argument("--plan", action="store_true", help="print the resolved run plan (memory, time) and exit")
-    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    p.add_argument("overrides", nargs="*", help="key=value recipe overrides, values parsed as YAML")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    if args.plan:
-        from .plan import print_plan
-        print_plan(cfg)
-        return 0
-    from .train import main as train_main
-    return train_main(cfg)
-
+from timm_optdnn.training.__main__ import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,4 +13,4 @@ if [[ -n "${HOSTFILE:-}" ]]; then
 else
   ARGS+=(--num_gpus "${GPUS:-8}")
 fi
-exec "$PY" -m deepspeed.launcher.runner "${ARGS[@]}" --module train --config "$CONFIG" "$@"
+exec "$PY" -m deepspeed.launcher.runner "${ARGS[@]}" --module timm_optdnn.training --config "$CONFIG" "$@"

@@ -9,4 +9,4 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 exec "$PY" -m torch.distributed.run --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
   --nproc_per_node "${GPUS:-8}" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
-  -m train --config "$CONFIG" "$@"
+  -m timm_optdnn.training --config "$CONFIG" "$@"

@@ -1,8 +1,9 @@
 """Train / val loaders over FFCV betons (default) or torchvision ImageFolders, behind one interface.
 
-    train, val = create_loaders("train.beton", "val.beton", num_classes=1000, batch_size=256, img_size=176,
-                                res_schedule=(160, 192, 85, 95), rand_augment="rand-m9-mstd0.5-inc1",
-                                re_prob=0.25, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
+    train, val = create_loaders(DataConfig("train.beton", "val.beton", batch_size=256, img_size=176,
+                                           res_schedule=[160, 192, 85, 95], rand_augment="rand-m9-mstd0.5-inc1",
+                                           re_prob=0.25, mixup=0.8, cutmix=1.0, label_smoothing=0.1),
+                                num_classes=1000)
     for epoch in range(start_epoch, epochs):
         train.set_epoch(epoch, skip=batches_done if epoch == start_epoch else 0)
         for images, targets in train: ...
@@ -11,8 +12,6 @@ FFCV pipeline order matters: [decoder, flip, NormalizeImage, ToTensor, ToTorchIm
 RandAugment needs uint8 images) is used; DESIGN.md: some orders hang the Loader at init. The augmentations FFCV lacks
 run on the batch afterwards (augment.py).
 """
-import ctypes
-import ctypes.util
 import json
 import math
 import os
@@ -24,6 +23,7 @@ import torch.distributed as dist
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 
 from .augment import BatchAugment, Targets
+from .config import DataConfig
 from .write import META_FORMAT, file_sha256, meta_path
 
 VERIFY_MAX_BYTES = 4 << 30  # betons up to 4 GiB are sha256-checked at load (a few s); bigger ones by size + structure
@@ -40,19 +40,6 @@ def resolution(epoch: int, start_res: int, end_res: int, start_ramp: int, end_ra
         return end_res
     step = 32 if start_res % 32 == 0 and end_res % 32 == 0 else 4
     return int(round(np.interp(epoch, [start_ramp, end_ramp], [start_res, end_res]) / step)) * step
-
-
-def retain_freed_memory(limit: int = 1 << 30) -> bool:
-    """Let glibc reuse freed blocks up to `limit` bytes instead of unmapping them. By default it returns every freed
-    block over 32 MiB to the OS, and the next one is fresh memory that page-faults on first touch: a batch of 64
-    float32 images at 224 px is 38.5 MiB, so every batch paid ~10,000 page faults on the loader's critical path
-    (measured here: the FFCV train loader at 1,084 img/s before, 1,601 after). Process-wide (freed memory up to
-    `limit` stays with the process); called by `create_loaders`. False where libc has no `mallopt` (not glibc)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    if not hasattr(libc, "mallopt"):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, limit)) and bool(libc.mallopt(m_trim_threshold, limit))
 
 
 def _rank_world(distributed: bool) -> tuple[int, int]:
@@ -283,25 +270,23 @@ class TorchvisionValLoader:
                 labels.to(self.device, non_blocking=True)
 
 
-def create_loaders(train_path: str, val_path: str, *, num_classes: int, backend: str = "ffcv",
-                   batch_size: int, val_batch_size: int | None = None, num_workers: int = 2,
-                   img_size: int = 224, val_img_size: int | None = None, crop_pct: float = 0.875,
-                   res_schedule: tuple[int, int, int, int] | None = None,
-                   scale: tuple[float, float] = (0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
-                   mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-                   rand_augment: str | None = None,
-                   re_prob: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0, label_smoothing: float = 0.0,
-                   distributed: bool = False, seed: int = 0, device: str = "cpu", channels_last: bool = False,
-                   order: str = "random", os_cache: bool = True, drop_last: bool = True, fast_decode: bool = True,
-                   repeated_aug: int = 0):
-    """(train loader, val loader). Train yields normalised float images on `device` and int64 labels, or soft
-    [B, num_classes] targets when mixup / cutmix / label_smoothing > 0 (`train.soft_targets`). Val yields
-    (images, int64 labels), each val sample on exactly one rank. backend: 'ffcv' (paths are betons) or
-    'torchvision' (paths are ImageFolder roots). res_schedule: (start_res, end_res, start_ramp, end_ramp).
-    fast_decode: our decoders (timm_optdnn.data.decoders): JPEGs decoded at 1/2..1/8 scale when the crop is at least
-    that much larger than the output, bilinear train resize, crops and flips seeded per sample (exact resume);
-    False: stock FFCV's. repeated_aug: DeiT's repeated augmentation (timm's RepeatAugSampler, --aug-repeats), each
-    train sample `repeated_aug` times per epoch spread over the ranks, epoch length kept; 0 = off."""
+def create_loaders(cfg: DataConfig, *, num_classes: int, distributed: bool = False, seed: int = 0,
+                   device: str | torch.device = "cpu"):
+    """(train loader, val loader) for the data section `cfg`. Train yields normalised float images on `device` and
+    int64 labels, or soft [B, num_classes] targets when mixup / cutmix / label_smoothing > 0 (`train.soft_targets`).
+    Val yields (images, int64 labels), each val sample on exactly one rank. backend 'ffcv': the paths are betons;
+    'torchvision': ImageFolder roots. fast_decode: our decoders (timm_optdnn.data.decoders): JPEGs decoded at 1/2..1/8
+    scale when the crop is at least that much larger than the output, bilinear train resize, crops and flips seeded
+    per sample (exact resume); False: stock FFCV's. repeated_aug: DeiT's repeated augmentation (timm's
+    RepeatAugSampler, --aug-repeats), each train sample `repeated_aug` times per epoch spread over the ranks, epoch
+    length kept; 0 = off."""
+    backend, batch_size, num_workers, repeated_aug = cfg.backend, cfg.batch_size, cfg.num_workers, cfg.repeated_aug
+    mixup, cutmix, crop_pct, res_schedule = cfg.mixup, cfg.cutmix, cfg.crop_pct, cfg.res_schedule
+    train_path, val_path, img_size, device = cfg.train_path, cfg.val_path, cfg.img_size, str(device)
+    mean, std = tuple(cfg.mean or IMAGENET_DEFAULT_MEAN), tuple(cfg.std or IMAGENET_DEFAULT_STD)
+    scale, ratio, hflip, order, os_cache = tuple(cfg.scale), tuple(cfg.ratio), cfg.hflip, cfg.order, cfg.os_cache
+    drop_last, fast_decode, channels_last, rand_augment = cfg.drop_last, cfg.fast_decode, cfg.channels_last, cfg.rand_augment
+    re_prob = cfg.re_prob
     if backend not in ("ffcv", "torchvision"):
         raise ValueError(f"backend must be 'ffcv' or 'torchvision', got {backend!r}")
     if batch_size < 1 or num_workers < 0:
@@ -314,9 +299,8 @@ def create_loaders(train_path: str, val_path: str, *, num_classes: int, backend:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     if res_schedule is not None and len(res_schedule) != 4:
         raise ValueError(f"res_schedule is (start_res, end_res, start_ramp, end_ramp), got {res_schedule}")
-    val_batch_size, val_img_size = val_batch_size or batch_size, val_img_size or img_size
-    retain_freed_memory()
-    targets = Targets(num_classes, mixup, cutmix, label_smoothing)
+    val_batch_size, val_img_size = cfg.val_batch_size or batch_size, cfg.val_img_size or img_size
+    targets = Targets(num_classes, mixup, cutmix, cfg.label_smoothing)
     if backend == "torchvision":
         train = TorchvisionTrainLoader(
             train_path, batch_size=batch_size, num_workers=num_workers, img_size=img_size, res_schedule=res_schedule,

@@ -13,7 +13,7 @@ from timm.layers.helpers import get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..hub import shipped, verified_pretrained
+from ..pretrained import shipped, verified_pretrained
 from .checkpoint import adapt_scheme_state
 from .schemes import SchemeBlocks
 
@@ -182,7 +182,7 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
     }
 
 
-_FMNIST_SHA256 = {  # `make demo` runs published with `python -m timm_optdnn.hub publish --hash-name`
+_FMNIST_SHA256 = {  # `make demo` runs published with `python -m timm_optdnn.training.publish publish --hash-name`
     "apg2": "1d5ea34682298eb6494b0a95c10089b60cd5bd1e50f52801fa3bb35e00c11926",
     "gd": "f5b48a24778bd988fd0224c49206c996d4de9663e572b5c485ce53a9ba9bbacf",
 }

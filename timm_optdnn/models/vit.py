@@ -21,7 +21,7 @@ from timm.models.vision_transformer import global_pool_nlc, init_weights_vit_tim
 
 from .schemes import SchemeBlocks
 from .checkpoint import adapt_scheme_state
-from ..hub import verified_pretrained
+from ..pretrained import verified_pretrained
 
 __all__ = ["OptDNNVisionTransformer"]
 

@@ -1,9 +1,9 @@
 """The main job (`make demo`): Fashion-MNIST betons -> DeepSpeed training of a small OptDNN-APG2 model on 2 CPU
 ranks -> eval -> export to safetensors -> reload with timm.create_model -> re-eval -> one-line report.
 
-    python -m train.demo                 # APG2 model of configs/demo.yaml
-    python -m train.demo --compare       # + its GD twin, same recipe and budget, side by side
-    python -m train.demo epochs=2        # recipe overrides pass through to `python -m train`
+    python -m timm_optdnn.training.demo                 # APG2 model of configs/demo.yaml
+    python -m timm_optdnn.training.demo --compare       # + its GD twin, same recipe and budget, side by side
+    python -m timm_optdnn.training.demo epochs=2        # recipe overrides pass through to the trainer
 
 The last line printed is `demo: model=<name> top1=<float>% params=<M>M gflops=<G> train_img_s=<float> wall_s=<float>`
 (with --compare, one such line per model, APG2 last).
@@ -20,7 +20,6 @@ import torch
 
 from .config import CONFIG_DIR, load_config
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_data(data_dir: Path) -> Dict[str, str]:
@@ -38,12 +37,12 @@ def write_data(data_dir: Path) -> Dict[str, str]:
 
 
 def launch(config: Path, overrides: List[str], nproc: int) -> None:
-    """`deepspeed --num_gpus N --module train`: the same launcher a GPU node uses (CPU ranks talk over gloo)."""
-    from .train import _free_port
+    """`deepspeed --num_gpus N --module timm_optdnn.training`: the same launcher a GPU node uses (CPU ranks talk over gloo)."""
+    from .trainer import _free_port
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-           "--master_port", str(_free_port()), "--module", "train", "--config", str(config), *overrides]
+           "--master_port", str(_free_port()), "--module", "timm_optdnn.training", "--config", str(config), *overrides]
     print("$", " ".join(cmd[2:]), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    subprocess.run(cmd, check=True)
 
 
 def reload_and_eval(model_name: str, weights: Path, cfg) -> float:
@@ -51,14 +50,10 @@ def reload_and_eval(model_name: str, weights: Path, cfg) -> float:
     import timm
     import timm_optdnn  # noqa: F401
     from timm_optdnn.data import create_loaders
-    from .train import evaluate
+    from .trainer import data_config, evaluate
     model = timm.create_model(model_name, pretrained=True, num_classes=cfg.num_classes,
                               pretrained_cfg_overlay=dict(file=str(weights)), **cfg.model_kwargs)
-    dc = model.pretrained_cfg
-    _, val = create_loaders(cfg.train_path, cfg.val_path, num_classes=cfg.num_classes, batch_size=cfg.batch_size,
-                            val_batch_size=cfg.val_batch_size, num_workers=cfg.num_workers, img_size=cfg.img_size,
-                            val_img_size=cfg.val_img_size, crop_pct=cfg.crop_pct,
-                            mean=cfg.mean or dc["mean"], std=cfg.std or dc["std"])
+    _, val = create_loaders(data_config(cfg, model), num_classes=cfg.num_classes)
     return evaluate(model, val, torch.float32, torch.device("cpu"), lockstep=False)["top1"]
 
 
@@ -68,7 +63,7 @@ def gflops(model_name: str, cfg) -> float:
 
 
 def run_one(model: str, args, data: Dict[str, str], t_start: float) -> Dict[str, Any]:
-    from timm_optdnn.export import export
+    from .export import export
     out_dir = Path(args.out) / model
     overrides = [f"{k}={v}" for k, v in data.items()] + [f"model={model}", f"out_dir={out_dir}", *args.overrides]
     cfg = load_config(str(args.config), overrides)  # validated here, before the launcher starts

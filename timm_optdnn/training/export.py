@@ -1,6 +1,6 @@
 """DeepSpeed checkpoint -> plain timm state dict in safetensors.
 
-    python -m timm_optdnn.export runs/demo/optdnn_apg2_convnext_iso_fm model.safetensors [--tag stepN] [--ema]
+    python -m timm_optdnn.training.export runs/demo/optdnn_apg2_convnext_iso_fm model.safetensors [--tag stepN] [--ema]
 
 Accepts a run directory (uses <run>/checkpoints/latest) or a checkpoints directory. ZeRO 1-3 shards are
 consolidated to fp32 by DeepSpeed's own zero_to_fp32; a ZeRO-0 checkpoint holds the full module already.

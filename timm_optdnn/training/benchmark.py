@@ -1,6 +1,6 @@
 """Speed and memory of each OptDNN-APG2 model next to its GD twin (the plain baseline), on CPU.
 
-    python -m timm_optdnn.benchmark vit_ti vit_s convnext_iso_s --batch-size 32 --img-size 224
+    python -m timm_optdnn.training.benchmark vit_ti vit_s convnext_iso_s --batch-size 32 --img-size 224
 
 In the spirit of timm's benchmark.py: inference img/s (eval, inference_mode) and train-step img/s
 (forward, cross-entropy, backward, SGD step, as timm does), for the pair side by side in one
@@ -40,10 +40,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 
-from .data.loaders import retain_freed_memory
-from .flops import PUBLISHED, build
-from .models import schemes
-from .models.schemes import SchemeBlocks
+from ..data import setup_process
+from ..flops import PUBLISHED, build
+from ..models import schemes
+from ..models.schemes import SchemeBlocks
 
 MB = 2 ** 20
 
@@ -194,7 +194,7 @@ def peak_live_bytes(fn: Callable[[], None]) -> int:
 
 def measure_rss(name: str, batch_size: int, img_size: int, threads: int) -> Tuple[float, float]:
     """(peak RSS growth, peak live tensors) of a fresh process's train steps, in MiB."""
-    cmd = [sys.executable, "-m", "timm_optdnn.benchmark", "--probe-rss", name, "--batch-size", str(batch_size),
+    cmd = [sys.executable, "-m", "timm_optdnn.training.benchmark", "--probe-rss", name, "--batch-size", str(batch_size),
            "--img-size", str(img_size), "--threads", str(threads)] + ([] if schemes.FUSED else ["--unfused"])
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -308,7 +308,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error(f"unknown model size(s) {unknown}; choose from {list(PUBLISHED)}")
     torch.set_num_threads(args.threads)
     schemes.FUSED = not args.unfused
-    retain_freed_memory()  # as the trainer runs (create_loaders): freed activations are reused, not page-faulted anew
+    setup_process()  # as the trainer runs: freed activations are reused, not page-faulted anew
     if args.probe_rss:
         return probe_rss(args.probe_rss, args.batch_size, args.img_size)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731  progress, off the table's stdout

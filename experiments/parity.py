@@ -8,7 +8,7 @@ branch size, initial weights, split and steps. Reported per run: train and test 
 shows the fitted function: mean predicted P(label = +1) against the number of -1s, on the
 held-out inputs (first seed).
 
-    python -m timm_optdnn.experiments.parity [--quick] [--out DIR]
+    python -m experiments.parity [--quick] [--out DIR]
 """
 import itertools
 from typing import Any, List, Optional, Sequence, Tuple

@@ -6,7 +6,7 @@ weights on the same samples (see `sawtooth`), so the curves compare schemes at e
 and, within a setting, parameter count (the schemes differ by one scalar per block). Reported per
 run: train/test MSE. The PNG plots test MSE (mean and std over seeds) against depth and width.
 
-    python -m timm_optdnn.experiments.width_depth [--quick] [--out DIR]
+    python -m experiments.width_depth [--quick] [--out DIR]
 """
 from typing import Any, List, Optional, Sequence
 
@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 
 from .common import COLORS, SEEDS, Config, experiment, grid
 from .sawtooth import FULL as SAWTOOTH, fit_sawtooth
-from ..models.schemes import SCHEMES
+from timm_optdnn.models.schemes import SCHEMES
 
 NAME = "width_depth"
 # 4 teeth, not sawtooth's 8: at width 4 the 8-tooth fit stalls near 1/12 at every depth in 2000 steps

@@ -1,4 +1,4 @@
-"""`python -m train --config ... --plan`: what a recipe costs on a cluster, without starting any work.
+"""`python -m timm_optdnn.training --config ... --plan`: what a recipe costs on a cluster, without starting any work.
 
 Memory: DeepSpeed's own ZeRO model-state estimators (no offload) for the configured stage; activations are not
 included (they depend on batch, resolution and checkpointing). Time: training FLOPs per image = 3 x forward

@@ -1,6 +1,6 @@
 """Run timm's own model test suite (tests/test_models.py of timm's source distribution) on the optdnn models.
 
-    python tests/run_timm_suite.py [extra pytest args]      (make timm-suite; ~2 min on 2 idle cores)
+    python tools/run_timm_suite.py [extra pytest args]      (make timm-suite; ~2 min on 2 idle cores)
 
 The sdist comes from PyPI (a package registry) into build/. timm's suite classifies models by name:
 its ViTs are listed in NON_STD_FILTERS (token outputs, no pool_size), so our ViT names are added

@@ -9,7 +9,7 @@ order, y f(x) / |grad_x f(x)| (f the logit, y = +-1; the rings are 0.4 apart, so
 is 0.2 from the ring edges): its median and its 5% quantile over the test set (negative where errors remain).
 The PNG shows each scheme's decision regions (first seed).
 
-    python -m timm_optdnn.experiments.rings [--quick] [--out DIR]
+    python -m experiments.rings [--quick] [--out DIR]
 """
 import math
 from typing import Any, List, Optional, Sequence, Tuple

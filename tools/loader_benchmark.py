@@ -1,6 +1,6 @@
 """Loader throughput, side by side on the same ImageNet-like JPEGs and the same 224 px random-resized-crop output.
 
-    python -m timm_optdnn.data.benchmark --images 1000 --workers 2 --repeats 3
+    python -m tools.loader_benchmark --images 1000 --workers 2 --repeats 3
 
 The photos are crops and rescales of scikit-image's bundled colour sample photographs (astronaut, chelsea, coffee,
 hubble_deep_field, ihc, motorcycle_left, retina, rocket), 500x375 or 375x500, saved as JPEG quality 90.
@@ -73,8 +73,10 @@ def loader_rate(train, epochs: int) -> float:
 
 
 def _rate(path: str, kw: dict, epochs: int) -> float:
-    from timm_optdnn.data import create_loaders
-    train, _ = create_loaders(path, path, **kw)
+    from timm_optdnn.data import DataConfig, create_loaders
+    kw = dict(kw)
+    num_classes = kw.pop("num_classes")
+    train, _ = create_loaders(DataConfig(path, path, **kw), num_classes=num_classes)
     return loader_rate(train, epochs)
 
 

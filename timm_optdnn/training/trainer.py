@@ -2,10 +2,11 @@
 exact checkpoint/resume, distributed eval. Launcher-agnostic: reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR
 (set by `deepspeed`, `torchrun`, or mapped from SLURM's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID).
 
-    deepspeed --num_gpus 2 --module train --config configs/demo.yaml
-    torchrun --nproc_per_node 8 -m train --config configs/optdnn_apg2_vit_s.yaml
+    deepspeed --num_gpus 2 --module timm_optdnn.training --config configs/demo.yaml
+    torchrun --nproc_per_node 8 -m timm_optdnn.training --config configs/optdnn_apg2_vit_s.yaml
 """
 import csv
+import dataclasses
 import json
 import os
 import random
@@ -122,9 +123,13 @@ def create_model(cfg: TrainConfig) -> nn.Module:
     return timm.create_model(cfg.model, num_classes=cfg.num_classes, drop_path_rate=cfg.drop_path, **cfg.model_kwargs)
 
 
-def model_data_cfg(model: nn.Module) -> Dict[str, Any]:
+def data_config(cfg: TrainConfig, model: nn.Module):
+    """The recipe's data section, with mean and std from the model's pretrained cfg where the recipe sets none."""
     from timm.data import resolve_data_config
-    return resolve_data_config({}, model=model)
+    from timm_optdnn.data import DataConfig
+    model_cfg = resolve_data_config({}, model=model)
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DataConfig) if hasattr(cfg, f.name)}
+    return DataConfig(**dict(fields, mean=cfg.mean or list(model_cfg["mean"]), std=cfg.std or list(model_cfg["std"])))
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -210,7 +215,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
     from timm.utils import ModelEmaV3, update_summary
-    from timm_optdnn.data import create_loaders
+    from timm_optdnn.data import create_loaders, setup_process
 
     device = setup_distributed(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -223,17 +228,9 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
     # model, data, optimizer, schedule
     model = create_model(cfg)
-    data_cfg = model_data_cfg(model)
-    train_loader, val_loader = create_loaders(
-        cfg.train_path, cfg.val_path, num_classes=cfg.num_classes, backend=cfg.backend, batch_size=cfg.batch_size,
-        val_batch_size=cfg.val_batch_size, num_workers=cfg.num_workers, img_size=cfg.img_size,
-        val_img_size=cfg.val_img_size, crop_pct=cfg.crop_pct,
-        res_schedule=tuple(cfg.res_schedule) if cfg.res_schedule else None,
-        scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
-        mean=tuple(cfg.mean or data_cfg["mean"]), std=tuple(cfg.std or data_cfg["std"]),
-        rand_augment=cfg.rand_augment, re_prob=cfg.re_prob, mixup=cfg.mixup, cutmix=cfg.cutmix,
-        label_smoothing=cfg.label_smoothing, distributed=world > 1, seed=cfg.seed, device=str(device),
-        channels_last=cfg.channels_last, order=cfg.order, os_cache=cfg.os_cache, repeated_aug=cfg.repeated_aug)
+    setup_process()
+    train_loader, val_loader = create_loaders(data_config(cfg, model), num_classes=cfg.num_classes,
+                                              distributed=world > 1, seed=cfg.seed, device=device)
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     # micro-batches left over after the last full accumulation are not read: their gradients would be added to the
     # next epoch's first step and shift DeepSpeed's accumulation boundary off ours

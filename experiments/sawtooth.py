@@ -8,7 +8,7 @@ and test mean squared error (test on a uniform grid; predicting the mean scores 
 `solved` (test MSE < 0.01; its mean over seeds is the fraction of seeds that fit every tooth).
 The PNG shows each scheme's fitted function (first seed).
 
-    python -m timm_optdnn.experiments.sawtooth [--quick] [--out DIR]
+    python -m experiments.sawtooth [--quick] [--out DIR]
 """
 from typing import Any, List, Optional, Sequence, Tuple
 

@@ -22,8 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 
-from ..models.mlp import OptDNNMLP
-from ..models.schemes import SCHEMES
+from timm_optdnn.models.mlp import OptDNNMLP
+from timm_optdnn.models.schemes import SCHEMES
 
 Config = Dict[str, Any]
 Metrics = Dict[str, Any]
@@ -45,7 +45,7 @@ def experiment(name: str, doc: Optional[str], argv: Optional[Sequence[str]],
 
 
 def parse_args(doc: Optional[str], name: str, argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"python -m timm_optdnn.experiments.{name}", description=doc,
+    parser = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one seed, few steps: the CI smoke run (< 1 min)")
     parser.add_argument("--out", type=Path, default=Path("results"), help="directory for <name>.csv and <name>.png")

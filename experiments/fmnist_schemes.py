@@ -1,6 +1,6 @@
 """gd, hb, nag and apg2 on real images: the demo recipe (configs/demo.yaml) on Fashion-MNIST, 3 seeds each.
 
-Every run is the real trainer (`deepspeed --module train`, 2 CPU ranks, as in `python -m train.demo`) on
+Every run is the real trainer (`deepspeed --module timm_optdnn.training`, 2 CPU ranks, as in `make demo`) on
 the same network, `optdnn_apg2_convnext_iso_fm` with its scheme overridden, so all four schemes have the
 same multiply-adds (the `gflops` above the table) and parameters up to one coefficient per block. The
 budget is compressed to fit the grid into 15 minutes on 2 cores: `--epochs` over a `--subset` of the
@@ -9,7 +9,7 @@ images and the learned coefficients (t_k for apg2, m_k for hb/nag). The PNG show
 the coefficients across depth. `--quick` is the CI smoke run: 1,200 training and 500 test images, one
 seed, each run on one rank inside this process.
 
-    python -m timm_optdnn.experiments.fmnist_schemes [--quick] [--out DIR] [--runs DIR] [--epochs E] [--subset F]
+    python -m experiments.fmnist_schemes [--quick] [--out DIR] [--runs DIR] [--epochs E] [--subset F]
 """
 import argparse
 import json
@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import matplotlib.pyplot as plt
-from train.config import CONFIG_DIR, load_config
-from train.demo import launch
-from train.train import train as train_here
+from timm_optdnn.training.config import CONFIG_DIR, load_config
+from timm_optdnn.training.demo import launch
+from timm_optdnn.training.trainer import train as train_here
 
-from ..data import write_beton
-from ..flops import count
-from ..models.schemes import SCHEMES, init_coefficients
+from timm_optdnn.data import write_beton
+from timm_optdnn.flops import count
+from timm_optdnn.models.schemes import SCHEMES, init_coefficients
 from .common import COLORS, SEEDS, save_figure, summary_table, write_csv
 
 NAME = "fmnist_schemes"
@@ -51,7 +51,7 @@ def train_one(overrides: List[str], in_process: bool) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
-    p = argparse.ArgumentParser(prog=f"python -m timm_optdnn.experiments.{NAME}", description=__doc__,
+    p = argparse.ArgumentParser(prog=f"python -m experiments.{NAME}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one seed, 1,200 images, in this process: the CI smoke run")
     p.add_argument("--out", type=Path, default=Path("results"), help=f"directory for {NAME}.csv and {NAME}.png")
