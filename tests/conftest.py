@@ -1,7 +1,20 @@
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 sys.path.insert(0, str(Path(__file__).parent))  # test helpers (e.g. reference_convnext_iso) import by name
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` (the CUDA suite, `make gpu-test`) skip where there is no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 def make_loaders(train_path, val_path, *, num_classes, distributed=False, seed=0, device="cpu", **data):
