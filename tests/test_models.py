@@ -448,9 +448,10 @@ def test_features_only_through_timm(family):
 
 
 @pytest.mark.parametrize("family", ["vit", "convnext"])
-@pytest.mark.parametrize("scheme", ["gd", "apg2", "nag"])
+@pytest.mark.parametrize("scheme", ["gd", "apg2", "nag", "apg2+norm"])
 def test_torchscript(family, scheme):
-    model = tiny(family, scheme=scheme).eval()
+    scheme, _, prox = scheme.partition("+")
+    model = tiny(family, scheme=scheme, prox=prox or None).eval()
     x = torch.randn(2, 3, 32, 32)
     scripted = torch.jit.script(model)
     with torch.no_grad():
@@ -487,3 +488,52 @@ def test_convnext_channels_last():
         ref = model(x)
         model = model.to(memory_format=torch.channels_last)
         torch.testing.assert_close(model(x.to(memory_format=torch.channels_last)), ref)
+
+
+# --- the prox (apg2, experimental) -----------------------------------------------------------------
+
+def test_prox_starts_as_the_plain_scheme_and_learns_its_gates():
+    """prox="norm" with its gates at 0 is plain apg2 bit for bit (a baseline loads with gates 0); with gates set it
+    is x' = v + g (N(v) - v), N a layer norm over channels without affine parameters, and the gates get gradients."""
+    torch.manual_seed(0)
+    plain = perturb_(tiny("convnext"))
+    prox = tiny("convnext", prox="norm").eval()
+    missing, unexpected = prox.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["blocks.prox_gate"] and not unexpected
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(prox(x), plain(x))
+    assert "prox=norm, g=[0.000, 0.000, 0.000]" in repr(prox.blocks)
+
+    blocks = blocks_of("apg2", prox="norm")
+    with torch.no_grad():
+        blocks.prox_gate.copy_(torch.tensor([0.3, -0.2, 0.5, 1.0, 0.1]))
+    g, b = blocks.prox_gate.detach(), blocks.coef.detach()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    x_k = y = x
+    for k, f in enumerate(blocks):
+        v = y + f(y)
+        n = (v - v.mean(-1, keepdim=True)) / torch.sqrt(v.var(-1, unbiased=False, keepdim=True) + 1e-6)
+        x_next = v + g[k] * (n - v)
+        y = x_next + b[k] * (x_next - x_k) if k < len(b) else x_next
+        x_k = x_next
+    out = blocks(x)
+    torch.testing.assert_close(out, x_k, rtol=1e-10, atol=1e-12)
+    out.sum().backward()
+    assert blocks.prox_gate.grad.abs().min() > 0
+
+
+@pytest.mark.parametrize("scheme", ["gd", "hb", "nag"])
+def test_prox_is_apg2_only(scheme):
+    with pytest.raises(ValueError, match="for scheme 'apg2' only"):
+        tiny("vit", scheme=scheme, prox="norm")
+    with pytest.raises(ValueError, match="the prox is one of"):
+        tiny("vit", prox="l1")
+
+
+def test_prox_checkpoint_into_a_model_without_prox_is_refused(tmp_path):
+    torch.save(tiny("vit", prox="norm").state_dict(), tmp_path / "prox.pth")
+    with pytest.raises(ValueError, match=r"prox gates \(blocks.prox_gate\)"):
+        tiny("vit", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "prox.pth"), num_classes=5))
+    model = tiny("vit", prox="norm", pretrained=True,
+                 pretrained_cfg_overlay=dict(file=str(tmp_path / "prox.pth"), num_classes=5))
+    assert model.blocks.prox_gate.shape == (3,) and not model.blocks.prox_gate.any()

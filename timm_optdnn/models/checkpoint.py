@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 COEF_KEY = "blocks.coef"
+GATE_KEY = "blocks.prox_gate"
 
 
 def _num_blocks(keys) -> int:
@@ -26,7 +27,7 @@ def adapt_scheme_state(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict
     """Fit a (baseline or OptDNN) state dict to `model`'s scheme, or say exactly why it cannot.
 
     A checkpoint without scheme coefficients is a baseline (the gd network): loaded into another scheme it gets
-    b_k = 0, so the model starts as that baseline and then learns its coefficients. Coefficients
+    b_k = 0 (and prox gates 0), so the model starts as that baseline and then learns its coefficients. Coefficients
     in an earlier form, one per block, convert: apg2's t_k (`momenta_from_t`), hb's and nag's m_k without m_0 (it
     multiplied x_0 - x_{-1} = 0). Wrong depth or width raises a ValueError naming the mismatch; a classifier that
     timm will re-initialise (num_classes differs from the cfg) is left to timm.
@@ -42,14 +43,16 @@ def adapt_scheme_state(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict
     if scheme != "gd" and COEF_KEY in state and state[COEF_KEY].numel() == depth:
         coef = state[COEF_KEY]
         state[COEF_KEY] = momenta_from_t(coef) if scheme == "apg2" else coef[1:].clone()
-    if COEF_KEY in expected and COEF_KEY not in state:
-        state[COEF_KEY] = torch.zeros_like(expected[COEF_KEY], device="cpu")
-    elif COEF_KEY in state and COEF_KEY not in expected:
-        if state[COEF_KEY].numel() == 0:
-            del state[COEF_KEY]  # converted to nothing: a single block has no momentum
-        else:
-            raise ValueError(f"{name}: checkpoint holds scheme coefficients ({COEF_KEY}) but the model's scheme is "
-                             f"{scheme!r}; load it into the matching optdnn_<scheme>_* model")
+    for key, what in ((COEF_KEY, "scheme coefficients"), (GATE_KEY, "prox gates")):
+        if key in expected and key not in state:
+            state[key] = torch.zeros_like(expected[key], device="cpu")
+        elif key in state and key not in expected:
+            if state[key].numel() == 0:
+                del state[key]  # converted to nothing: a single block has no momentum
+            else:
+                raise ValueError(f"{name}: checkpoint holds {what} ({key}) that this model (scheme {scheme!r}, "
+                                 f"prox {model.blocks.prox or None!r}) does not have; load it into the model it was "
+                                 f"trained as (optdnn_<scheme>_*, prox=...)")
 
     cfg = getattr(model, "pretrained_cfg", {})
     classifier = cfg.get("classifier", "head")

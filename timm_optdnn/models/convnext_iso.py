@@ -57,6 +57,7 @@ class OptDNNConvNeXtIsotropic(nn.Module):
             drop_rate: float = 0.0,
             patch_size: int = 16,
             scheme: str = "apg2",
+            prox: Optional[str] = None,
             device=None,
             dtype=None,
     ):
@@ -70,7 +71,8 @@ class OptDNNConvNeXtIsotropic(nn.Module):
         self.num_features = self.head_hidden_size = dim
         self.stem = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, **dd)
         self.blocks = SchemeBlocks([ConvNeXtBranch(dim, layer_scale_init_value, dpr, **dd)
-                                    for dpr in calculate_drop_path_rates(drop_path_rate, depth)], scheme=scheme, **dd)
+                                    for dpr in calculate_drop_path_rates(drop_path_rate, depth)],
+                                   scheme=scheme, prox=prox, channel_dim=1, **dd)
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=dim, reduction=patch_size) for i in range(depth)]
         self.norm = nn.LayerNorm(dim, eps=1e-6, **dd)
         self.head_drop = nn.Dropout(drop_rate)

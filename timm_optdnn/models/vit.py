@@ -79,6 +79,7 @@ class OptDNNVisionTransformer(nn.Module):
             attn_drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
             scheme: str = "apg2",
+            prox: Optional[str] = None,
             device=None,
             dtype=None,
     ):
@@ -108,7 +109,7 @@ class OptDNNVisionTransformer(nn.Module):
         self.blocks = SchemeBlocks([
             ViTBranch(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_norm, proj_drop_rate, attn_drop_rate,
                       init_values, dpr, norm_layer, **dd) for dpr in calculate_drop_path_rates(drop_path_rate, depth)
-        ], scheme=scheme, **dd)
+        ], scheme=scheme, prox=prox, **dd)
         reduction = self.patch_embed.feat_ratio()
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=reduction)
                              for i in range(depth)]
