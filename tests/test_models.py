@@ -15,9 +15,9 @@ from timm_optdnn.training.benchmark import saved_bytes
 from reference_convnext_iso import ConvNeXtIsotropic
 
 ALL = timm.list_models("optdnn_*")
-TINY = {  # every family at toy size, full code path
-    "vit": ("optdnn_apg2_vit_ti", dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=5)),
-    "convnext": ("optdnn_apg2_convnext_iso_s", dict(dim=32, depth=3, patch_size=8, num_classes=5)),
+TINY = {  # every family at toy size, full code path; the scheme-neutral names take scheme=...
+    "vit": ("optdnn_vit_ti", dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=5)),
+    "convnext": ("optdnn_convnext_iso_s", dict(dim=32, depth=3, patch_size=8, num_classes=5)),
 }
 
 
@@ -47,7 +47,7 @@ def test_every_name_builds_and_trains_at_small_size(name):
     small.update(dict(img_size=32) if "vit" in name else dict())
     model = timm.create_model(name, **small)
     assert model.pretrained_cfg["architecture"] == name
-    assert model.blocks.scheme == ("apg2" if "apg2" in name else "gd")
+    assert model.blocks.scheme == ("gd" if "_gd_" in name else "apg2")  # a scheme-neutral name builds apg2
     x = torch.randn(2, 3, 32, 32)
     out = model(x)
     assert out.shape == (2, 3)
@@ -260,13 +260,20 @@ def test_grad_checkpointing_gives_identical_gradients(family, scheme):
     assert plain["blocks.coef"].abs().sum() > 0
 
 
-def test_coefficients_are_trainable_and_never_weight_decayed():
-    model = tiny("convnext")
+@pytest.mark.parametrize("family", ["vit", "convnext"])
+def test_coefficients_are_never_weight_decayed_nor_the_heads(family):
+    """The scheme coefficients are exactly SchemeBlocks' own parameters: no weight decay, and under layer decay the
+    last block's learning-rate scale (as the final norm has), not the head's."""
+    model = tiny(family, prox="norm")
+    coefs = dict(model.blocks.named_parameters(recurse=False))
+    assert set(coefs) == {"coef", "prox_gate"} and {f"blocks.{n}" for n in coefs} <= model.no_weight_decay()
     opt = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
-    coef_groups = [g for g in opt.param_groups if any(p is model.blocks.coef for p in g["params"])]
-    assert len(coef_groups) == 1 and coef_groups[0]["weight_decay"] == 0.0
-    ld = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.7)
-    assert any(p is model.blocks.coef and g["weight_decay"] == 0.0 for g in ld.param_groups for p in g["params"])
+    assert all(g["weight_decay"] == 0.0 for g in opt.param_groups for p in g["params"] if any(p is c for c in coefs.values()))
+    scale = {id(p): g["lr_scale"] for g in timm.optim.create_optimizer_v2(
+        model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.7).param_groups for p in g["params"]}
+    last_block = next(model.blocks[-1].parameters())
+    assert scale[id(model.blocks.coef)] == scale[id(model.blocks.prox_gate)] == scale[id(model.norm.weight)] == \
+        scale[id(last_block)] < scale[id(model.head.weight)] == 1.0
 
 
 # --- baseline exactness and warm start -------------------------------------------------------------
@@ -374,6 +381,16 @@ def test_apg2_checkpoint_into_gd_is_refused(tmp_path):
 def test_pretrained_without_weights_is_timms_clear_error():
     with pytest.raises(RuntimeError, match="No pretrained weights exist"):
         timm.create_model("optdnn_apg2_vit_s", pretrained=True)
+
+
+def test_a_name_never_disagrees_with_its_scheme():
+    with pytest.raises(ValueError, match=r"optdnn_apg2_vit_s is the apg2 model.*use optdnn_vit_s\(scheme='nag'\)"):
+        timm.create_model("optdnn_apg2_vit_s", scheme="nag")
+    with pytest.raises(ValueError, match="optdnn_gd_convnext_iso_fm is the gd model"):
+        timm.create_model("optdnn_gd_convnext_iso_fm", scheme="apg2")
+    assert timm.create_model("optdnn_gd_convnext_iso_fm", scheme="gd").blocks.scheme == "gd"
+    for scheme in SCHEMES:  # the scheme-neutral names take any
+        assert timm.create_model("optdnn_convnext_iso_fm", scheme=scheme).blocks.scheme == scheme
 
 
 def test_unknown_scheme_and_bad_pool_are_refused():

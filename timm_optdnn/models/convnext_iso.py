@@ -3,17 +3,16 @@
 Keys follow facebookresearch/ConvNeXt's `convnext_isotropic.py`, so its official checkpoints
 ({'model': state_dict}) load into the gd twin unchanged and warm-start the apg2 model.
 """
-from typing import Any, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, calculate_drop_path_rates, trunc_normal_
-from timm.layers.helpers import get_device_dtype
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import generate_default_cfgs, register_model
 
-from ..pretrained import shipped, verified_pretrained
+from ..pretrained import shipped
+from .backbone import SchemeBackbone, build_backbone
 from .checkpoint import adapt_scheme_state
 from .schemes import SchemeBlocks
 
@@ -41,7 +40,7 @@ class ConvNeXtBranch(nn.Module):
         return self.drop_path(x.permute(0, 3, 1, 2))
 
 
-class OptDNNConvNeXtIsotropic(nn.Module):
+class OptDNNConvNeXtIsotropic(SchemeBackbone):
     """Isotropic ConvNeXt with an OptDNN scheme over its blocks; the official kwargs plus timm's interface."""
 
     def __init__(
@@ -63,8 +62,7 @@ class OptDNNConvNeXtIsotropic(nn.Module):
     ):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        if global_pool not in ("", "avg"):
-            raise ValueError(f"global_pool={global_pool!r}: isotropic ConvNeXt pools with 'avg' (or '' for none)")
+        self.check_pool(global_pool)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
@@ -88,66 +86,6 @@ class OptDNNConvNeXtIsotropic(nn.Module):
             trunc_normal_(m.weight, std=0.02)
             nn.init.zeros_(m.bias)
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        return {f"blocks.{n}" for n in self.blocks.no_weight_decay()}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(stem=r"^stem", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.blocks.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    @torch.jit.ignore
-    def scheme_coefficients(self) -> List[float]:
-        """The learned t_k (apg2) or m_k (hb/nag), one per block; empty for gd."""
-        return self.blocks.coefficients()
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("", "avg"):
-                raise ValueError(f"global_pool={global_pool!r}: use 'avg' or ''")
-            self.global_pool = global_pool
-        dd = get_device_dtype(self)
-        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
-        self.head.train(self.training)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Feature maps after each block in `indices` (timm semantics), plus the final map."""
-        if output_fmt != "NCHW":
-            raise ValueError("output_fmt must be 'NCHW'")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        stop = max_index + 1 if stop_early else len(self.blocks)
-        x, intermediates = self.blocks.run(self.embed(x), take_indices, stop)
-        if norm:  # the final norm acts on channels
-            intermediates = [self.norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for y in intermediates]
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks.truncate(max_index + 1)
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding, kept channels-last: every branch works over channels (LayerNorm, Linear), so the trunk
         stays NHWC in memory; the scheme's elementwise updates then run on like-strided tensors, not on a
@@ -155,18 +93,16 @@ class OptDNNConvNeXtIsotropic(nn.Module):
         for gd and 10% for apg2)."""
         return self.stem(x).contiguous(memory_format=torch.channels_last)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Unpooled NCHW map (channels-last in memory): the final norm needs the pooled vector, so it lives in the head."""
-        return self.blocks(self.embed(x))
+    def norm_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # the final norm acts on channels
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """forward_features' unpooled NCHW map (channels-last in memory) -> logits: the final norm needs the pooled
+        vector, so it lives here."""
         if self.global_pool == "avg":
             x = self.norm(x.mean([-2, -1]))
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: OptDNNConvNeXtIsotropic) -> Dict[str, torch.Tensor]:
@@ -190,27 +126,25 @@ _FMNIST_SHA256 = {  # `make demo` runs published with `python -m timm_optdnn.tra
     "gd": "f5b48a24778bd988fd0224c49206c996d4de9663e572b5c485ce53a9ba9bbacf",
 }
 
+_FM_CFG = dict(num_classes=10, input_size=(3, 28, 28), pool_size=(7, 7), crop_pct=1.0, interpolation="bilinear",
+               mean=(0.2860,) * 3, std=(0.3530,) * 3)
+
 default_cfgs = generate_default_cfgs({
     **{f"optdnn_{scheme}_convnext_iso_{size}": _cfg() for scheme in ("apg2", "gd") for size in ("s", "b", "l")},
     # the Fashion-MNIST demo size (make demo): 28x28 grey stored as RGB, its own mean / std. Its .fmnist weights
     # ship in the package (timm_optdnn/weights/<tag>/, model card beside them); the sha256 in the file name is
     # checked before loading
     **{f"optdnn_{scheme}_convnext_iso_fm.fmnist": _cfg(
-        num_classes=10, input_size=(3, 28, 28), pool_size=(7, 7), crop_pct=1.0, interpolation="bilinear",
-        mean=(0.2860,) * 3, std=(0.3530,) * 3,
-        file=shipped(f"optdnn_{scheme}_convnext_iso_fm.fmnist/model-{sha}.safetensors"))
+        **_FM_CFG, file=shipped(f"optdnn_{scheme}_convnext_iso_fm.fmnist/model-{sha}.safetensors"))
        for scheme, sha in _FMNIST_SHA256.items()},
 })
+default_cfgs.update(generate_default_cfgs({  # the scheme-neutral names (no weights)
+    **{f"optdnn_convnext_iso_{size}": _cfg() for size in ("s", "b", "l")}, "optdnn_convnext_iso_fm": _cfg(**_FM_CFG)}))
 
 
-def _convnext_iso(variant: str, scheme: str, pretrained: bool, dims: Dict[str, Any],
+def _convnext_iso(variant: str, pretrained: bool, dims: Dict[str, Any],
                   kwargs: Dict[str, Any]) -> OptDNNConvNeXtIsotropic:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        OptDNNConvNeXtIsotropic, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **verified_pretrained(variant, pretrained, dict(dict(scheme=scheme, **dims), **kwargs)))
+    return build_backbone(OptDNNConvNeXtIsotropic, variant, pretrained, checkpoint_filter_fn, dims, kwargs)
 
 
 _S = dict(depth=18, dim=384)
@@ -221,37 +155,55 @@ _L = dict(depth=36, dim=1024)
 @register_model
 def optdnn_apg2_convnext_iso_s(pretrained: bool = False, **kwargs) -> OptDNNConvNeXtIsotropic:
     """OptDNN-APG2 isotropic ConvNeXt-S (dim 384, depth 18)."""
-    return _convnext_iso("optdnn_apg2_convnext_iso_s", "apg2", pretrained, _S, kwargs)
+    return _convnext_iso("optdnn_apg2_convnext_iso_s", pretrained, _S, kwargs)
 
 
 @register_model
 def optdnn_apg2_convnext_iso_b(pretrained: bool = False, **kwargs) -> OptDNNConvNeXtIsotropic:
     """OptDNN-APG2 isotropic ConvNeXt-B (dim 768, depth 18)."""
-    return _convnext_iso("optdnn_apg2_convnext_iso_b", "apg2", pretrained, _B, kwargs)
+    return _convnext_iso("optdnn_apg2_convnext_iso_b", pretrained, _B, kwargs)
 
 
 @register_model
 def optdnn_apg2_convnext_iso_l(pretrained: bool = False, **kwargs) -> OptDNNConvNeXtIsotropic:
     """OptDNN-APG2 isotropic ConvNeXt-L (dim 1024, depth 36)."""
-    return _convnext_iso("optdnn_apg2_convnext_iso_l", "apg2", pretrained, _L, kwargs)
+    return _convnext_iso("optdnn_apg2_convnext_iso_l", pretrained, _L, kwargs)
 
 
 @register_model
 def optdnn_gd_convnext_iso_s(pretrained: bool = False, **kwargs) -> OptDNNConvNeXtIsotropic:
     """Isotropic ConvNeXt-S baseline through the scheme driver (gd)."""
-    return _convnext_iso("optdnn_gd_convnext_iso_s", "gd", pretrained, _S, kwargs)
+    return _convnext_iso("optdnn_gd_convnext_iso_s", pretrained, _S, kwargs)
 
 
 @register_model
 def optdnn_gd_convnext_iso_b(pretrained: bool = False, **kwargs) -> OptDNNConvNeXtIsotropic:
     """Isotropic ConvNeXt-B baseline through the scheme driver (gd)."""
-    return _convnext_iso("optdnn_gd_convnext_iso_b", "gd", pretrained, _B, kwargs)
+    return _convnext_iso("optdnn_gd_convnext_iso_b", pretrained, _B, kwargs)
 
 
 @register_model
 def optdnn_gd_convnext_iso_l(pretrained: bool = False, **kwargs) -> OptDNNConvNeXtIsotropic:
     """Isotropic ConvNeXt-L baseline through the scheme driver (gd)."""
-    return _convnext_iso("optdnn_gd_convnext_iso_l", "gd", pretrained, _L, kwargs)
+    return _convnext_iso("optdnn_gd_convnext_iso_l", pretrained, _L, kwargs)
+
+
+@register_model
+def optdnn_convnext_iso_s(pretrained: bool = False, **kwargs) -> OptDNNConvNeXtIsotropic:
+    """Isotropic ConvNeXt-S under any scheme: scheme='gd' | 'hb' | 'nag' | 'apg2' (the default)."""
+    return _convnext_iso("optdnn_convnext_iso_s", pretrained, _S, kwargs)
+
+
+@register_model
+def optdnn_convnext_iso_b(pretrained: bool = False, **kwargs) -> OptDNNConvNeXtIsotropic:
+    """Isotropic ConvNeXt-B under any scheme: scheme='gd' | 'hb' | 'nag' | 'apg2' (the default)."""
+    return _convnext_iso("optdnn_convnext_iso_b", pretrained, _B, kwargs)
+
+
+@register_model
+def optdnn_convnext_iso_l(pretrained: bool = False, **kwargs) -> OptDNNConvNeXtIsotropic:
+    """Isotropic ConvNeXt-L under any scheme: scheme='gd' | 'hb' | 'nag' | 'apg2' (the default)."""
+    return _convnext_iso("optdnn_convnext_iso_l", pretrained, _L, kwargs)
 
 
 _FM = dict(depth=6, dim=64, patch_size=4, num_classes=10)
@@ -260,10 +212,16 @@ _FM = dict(depth=6, dim=64, patch_size=4, num_classes=10)
 @register_model
 def optdnn_apg2_convnext_iso_fm(pretrained: bool = False, **kwargs) -> OptDNNConvNeXtIsotropic:
     """The demo model: OptDNN-APG2 isotropic ConvNeXt for 28x28 Fashion-MNIST (dim 64, depth 6, patch 4)."""
-    return _convnext_iso("optdnn_apg2_convnext_iso_fm", "apg2", pretrained, _FM, kwargs)
+    return _convnext_iso("optdnn_apg2_convnext_iso_fm", pretrained, _FM, kwargs)
 
 
 @register_model
 def optdnn_gd_convnext_iso_fm(pretrained: bool = False, **kwargs) -> OptDNNConvNeXtIsotropic:
     """The demo model's GD twin (plain isotropic ConvNeXt of the same size)."""
-    return _convnext_iso("optdnn_gd_convnext_iso_fm", "gd", pretrained, _FM, kwargs)
+    return _convnext_iso("optdnn_gd_convnext_iso_fm", pretrained, _FM, kwargs)
+
+
+@register_model
+def optdnn_convnext_iso_fm(pretrained: bool = False, **kwargs) -> OptDNNConvNeXtIsotropic:
+    """The demo model's size under any scheme: scheme='gd' | 'hb' | 'nag' | 'apg2' (the default)."""
+    return _convnext_iso("optdnn_convnext_iso_fm", pretrained, _FM, kwargs)

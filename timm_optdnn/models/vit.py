@@ -12,20 +12,16 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention, DropPath, LayerScale, Mlp, PatchEmbed, calculate_drop_path_rates, trunc_normal_
-from timm.layers.helpers import get_device_dtype
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import named_apply
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 from timm.models.vision_transformer import global_pool_nlc, init_weights_vit_timm
 
-from .schemes import SchemeBlocks
+from .backbone import SchemeBackbone, build_backbone
 from .checkpoint import adapt_scheme_state
-from ..pretrained import verified_pretrained
+from .schemes import SchemeBlocks
 
 __all__ = ["OptDNNVisionTransformer"]
-
-POOLS = ("", "avg", "avgmax", "max", "token")
 
 
 class ViTBranch(nn.Module):
@@ -54,8 +50,12 @@ class ViTBranch(nn.Module):
         return a + self.drop_path2(self.ls2(self.mlp(self.norm2(x + a))))
 
 
-class OptDNNVisionTransformer(nn.Module):
+class OptDNNVisionTransformer(SchemeBackbone):
     """ViT/DeiT with an OptDNN scheme over its blocks; timm's `VisionTransformer` interface and kwargs."""
+
+    stem_group = r"^cls_token|pos_embed|patch_embed"
+    pools = ("", "avg", "avgmax", "max", "token")
+    output_fmts = ("NCHW", "NLC")
 
     def __init__(
             self,
@@ -85,10 +85,8 @@ class OptDNNVisionTransformer(nn.Module):
     ):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        if global_pool not in POOLS:
-            raise ValueError(f"global_pool={global_pool!r} is not one of {POOLS}")
-        if global_pool == "token" and not class_token:
-            raise ValueError("global_pool='token' needs class_token=True")
+        self.has_class_token = class_token
+        self.check_pool(global_pool)
         use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.num_classes = num_classes
@@ -97,7 +95,6 @@ class OptDNNVisionTransformer(nn.Module):
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1 if class_token else 0
         self.no_embed_class = False  # pos_embed covers the class token, as in timm/DeiT ViT
-        self.has_class_token = class_token
 
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                       embed_dim=embed_dim, **dd)
@@ -123,109 +120,52 @@ class OptDNNVisionTransformer(nn.Module):
             nn.init.normal_(self.cls_token, std=1e-6)
         named_apply(init_weights_vit_timm, self)
 
+    def check_pool(self, global_pool: str) -> None:
+        super().check_pool(global_pool)
+        if global_pool == "token" and not self.has_class_token:
+            raise ValueError("global_pool='token' needs class_token=True")
+
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        return {"pos_embed", "cls_token"} | {f"blocks.{n}" for n in self.blocks.no_weight_decay()}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        # scheme coefficients (blocks.coef) match no block and join the last group (lr scale 1)
-        return dict(stem=r"^cls_token|pos_embed|patch_embed",
-                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.blocks.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    @torch.jit.ignore
-    def scheme_coefficients(self) -> List[float]:
-        """The learned t_k (apg2) or m_k (hb/nag), one per block; empty for gd."""
-        return self.blocks.coefficients()
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in POOLS or (global_pool == "token" and not self.has_class_token):
-                raise ValueError(f"global_pool={global_pool!r} is not possible for this model")
-            self.global_pool = global_pool
-        dd = get_device_dtype(self)
-        self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
-        self.head.train(self.training)
+        return {"pos_embed", "cls_token"} | super().no_weight_decay()
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens (with the class token) plus position embedding: the state x_0 the blocks start from."""
-        return self._pos_embed(self.patch_embed(x))
-
-    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x + self.pos_embed)
 
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            return_prefix_tokens: bool = False,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Features after each block in `indices` (timm semantics), plus the final features."""
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError("output_fmt must be 'NCHW' or 'NLC'")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        B, _, height, width = x.shape
-        x = self.embed(x)
-        stop = max_index + 1 if stop_early else len(self.blocks)
-        x, intermediates = self.blocks.run(x, take_indices, stop)
-        if norm:
-            intermediates = [self.norm(y) for y in intermediates]
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+    def format_features(self, features: List[torch.Tensor], img_size: Tuple[int, int], output_fmt: str,
+                        return_prefix_tokens: bool = False) -> List[Any]:
+        """Patch tokens as NCHW maps (or NLC), optionally with their prefix (class) tokens: timm's ViT convention."""
         npt = self.num_prefix_tokens
-        prefix_tokens = [y[:, :npt] for y in intermediates]
-        intermediates = [y[:, npt:] for y in intermediates]
+        prefix_tokens = [y[:, :npt] for y in features]
+        features = [y[:, npt:] for y in features]
         if output_fmt == "NCHW":
-            H, W = self.patch_embed.dynamic_feat_size((height, width))
-            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
-        if not torch.jit.is_scripting() and return_prefix_tokens and npt:
-            intermediates = list(zip(intermediates, prefix_tokens))
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
+            H, W = self.patch_embed.dynamic_feat_size(img_size)
+            features = [y.reshape(y.shape[0], H, W, -1).permute(0, 3, 1, 2).contiguous() for y in features]
+        return list(zip(features, prefix_tokens)) if return_prefix_tokens and npt else features
 
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks.truncate(max_index + 1)
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.fc_norm = nn.Identity()
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.blocks(self.embed(x)))
+    def prune_head(self) -> None:
+        self.fc_norm = nn.Identity()
+        super().prune_head()
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = global_pool_nlc(x, pool_type=self.global_pool, num_prefix_tokens=self.num_prefix_tokens)
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: OptDNNVisionTransformer) -> Dict[str, torch.Tensor]:
     """timm/DeiT ViT checkpoints (optionally {'model': ...}) -> this model, any scheme.
 
     timm's ViT filter unwraps, resamples pos-embed / patch-embed for new img/patch sizes;
-    `adapt_scheme_state` adds t_k = 1 for a baseline loaded into apg2 (a warm start) and
-    names every shape mismatch.
+    `adapt_scheme_state` gives a baseline loaded into another scheme b = 0 (a warm start), converts
+    earlier coefficient forms and names every shape mismatch.
     """
     return adapt_scheme_state(vit_checkpoint_filter_fn(state_dict, model), model)
 
@@ -243,16 +183,12 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
 default_cfgs = generate_default_cfgs({
     f"optdnn_{scheme}_vit_{size}": _cfg() for scheme in ("apg2", "gd") for size in ("ti", "s", "b")
 })
+default_cfgs.update(generate_default_cfgs({f"optdnn_vit_{size}": _cfg() for size in ("ti", "s", "b")}))
 
 
-def _vit(variant: str, scheme: str, pretrained: bool, dims: Dict[str, Any],
-         kwargs: Dict[str, Any]) -> OptDNNVisionTransformer:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        OptDNNVisionTransformer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **verified_pretrained(variant, pretrained, dict(dict(patch_size=16, scheme=scheme, **dims), **kwargs)))
+def _vit(variant: str, pretrained: bool, dims: Dict[str, Any], kwargs: Dict[str, Any]) -> OptDNNVisionTransformer:
+    return build_backbone(OptDNNVisionTransformer, variant, pretrained, checkpoint_filter_fn,
+                          dict(patch_size=16, **dims), kwargs)
 
 
 _TI = dict(embed_dim=192, depth=12, num_heads=3)
@@ -263,34 +199,52 @@ _B = dict(embed_dim=768, depth=12, num_heads=12)
 @register_model
 def optdnn_apg2_vit_ti(pretrained: bool = False, **kwargs) -> OptDNNVisionTransformer:
     """OptDNN-APG2 ViT-Ti/16 (DeiT-Ti width and depth)."""
-    return _vit("optdnn_apg2_vit_ti", "apg2", pretrained, _TI, kwargs)
+    return _vit("optdnn_apg2_vit_ti", pretrained, _TI, kwargs)
 
 
 @register_model
 def optdnn_apg2_vit_s(pretrained: bool = False, **kwargs) -> OptDNNVisionTransformer:
     """OptDNN-APG2 ViT-S/16 (DeiT-S width and depth)."""
-    return _vit("optdnn_apg2_vit_s", "apg2", pretrained, _S, kwargs)
+    return _vit("optdnn_apg2_vit_s", pretrained, _S, kwargs)
 
 
 @register_model
 def optdnn_apg2_vit_b(pretrained: bool = False, **kwargs) -> OptDNNVisionTransformer:
     """OptDNN-APG2 ViT-B/16 (DeiT-B width and depth)."""
-    return _vit("optdnn_apg2_vit_b", "apg2", pretrained, _B, kwargs)
+    return _vit("optdnn_apg2_vit_b", pretrained, _B, kwargs)
 
 
 @register_model
 def optdnn_gd_vit_ti(pretrained: bool = False, **kwargs) -> OptDNNVisionTransformer:
     """DeiT-Ti/16 baseline through the scheme driver (gd)."""
-    return _vit("optdnn_gd_vit_ti", "gd", pretrained, _TI, kwargs)
+    return _vit("optdnn_gd_vit_ti", pretrained, _TI, kwargs)
 
 
 @register_model
 def optdnn_gd_vit_s(pretrained: bool = False, **kwargs) -> OptDNNVisionTransformer:
     """DeiT-S/16 baseline through the scheme driver (gd)."""
-    return _vit("optdnn_gd_vit_s", "gd", pretrained, _S, kwargs)
+    return _vit("optdnn_gd_vit_s", pretrained, _S, kwargs)
 
 
 @register_model
 def optdnn_gd_vit_b(pretrained: bool = False, **kwargs) -> OptDNNVisionTransformer:
     """DeiT-B/16 baseline through the scheme driver (gd)."""
-    return _vit("optdnn_gd_vit_b", "gd", pretrained, _B, kwargs)
+    return _vit("optdnn_gd_vit_b", pretrained, _B, kwargs)
+
+
+@register_model
+def optdnn_vit_ti(pretrained: bool = False, **kwargs) -> OptDNNVisionTransformer:
+    """ViT-Ti/16 under any scheme: scheme='gd' | 'hb' | 'nag' | 'apg2' (the default)."""
+    return _vit("optdnn_vit_ti", pretrained, _TI, kwargs)
+
+
+@register_model
+def optdnn_vit_s(pretrained: bool = False, **kwargs) -> OptDNNVisionTransformer:
+    """ViT-S/16 under any scheme: scheme='gd' | 'hb' | 'nag' | 'apg2' (the default)."""
+    return _vit("optdnn_vit_s", pretrained, _S, kwargs)
+
+
+@register_model
+def optdnn_vit_b(pretrained: bool = False, **kwargs) -> OptDNNVisionTransformer:
+    """ViT-B/16 under any scheme: scheme='gd' | 'hb' | 'nag' | 'apg2' (the default)."""
+    return _vit("optdnn_vit_b", pretrained, _B, kwargs)
