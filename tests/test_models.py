@@ -1,4 +1,5 @@
 """The OptDNN models: scheme equations, baseline exactness, warm start and the timm interface."""
+import collections
 import copy
 
 import pytest
@@ -6,6 +7,8 @@ import timm
 import timm.optim
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import timm_optdnn
 from timm_optdnn.models import schemes
@@ -218,6 +221,44 @@ def test_extreme_momenta_give_finite_outputs_and_gradients(family, b):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+class FullSizeOps(TorchDispatchMode):
+    """Counts the kernels dispatched on tensors of `numel` elements (views and allocations are none): elementwise
+    (a full-size output) and reductions (a full-size input only)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.ops = numel, collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if not func.is_view and not name.startswith("empty"):
+            ins, outs = [[t for t in tree_leaves(a) if isinstance(t, torch.Tensor)] for a in ((args, kwargs), out)]
+            if any(t.numel() == self.numel for t in outs):
+                self.ops["elementwise", name] += 1
+            elif any(t.numel() == self.numel for t in ins):
+                self.ops["reduction", name] += 1
+        return out
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext"])
+@pytest.mark.parametrize("scheme", ["hb", "nag", "apg2"])
+def test_eager_training_step_costs_four_elementwise_kernels_and_a_dot_per_block_over_gd(family, scheme):
+    """The eager path (`Step`, what CUDA runs): one more block adds at most 4 full-size elementwise kernels and one
+    full-size reduction to a training step (forward and backward) beyond what it adds to the gd twin's."""
+    def ops(scheme, depth):
+        model = tiny(family, scheme=scheme, depth=depth).train()
+        x = torch.randn(2, 3, 32, 32)
+        with FullSizeOps(model.embed(x).numel()) as mode:
+            model(x).sum().backward()
+        return mode.ops
+
+    per_block = ops(scheme, 5) - ops(scheme, 4)
+    per_block.subtract(ops("gd", 5) - ops("gd", 4))
+    extra = {kind: sum(n for (k, _), n in per_block.items() if k == kind) for kind in ("elementwise", "reduction")}
+    assert extra["elementwise"] <= 4 and extra["reduction"] <= 1, per_block
+
+
 @pytest.mark.parametrize("family", ["vit", "convnext"])
 def test_apg2_saves_one_state_per_block_more_than_gd(family):
     """`Step` keeps x_k and x_{k+1} (the next step's x_k): x_1..x_{L-1} beyond gd; everything else is gd's."""
@@ -301,6 +342,26 @@ def test_timm_vit_checkpoint_loads_into_gd_and_apg2_with_same_logits(tmp_path, i
         assert (out - expected).abs().max() <= 1e-5, scheme
     assert model.scheme_coefficients() == [0.0] * 11  # warm start: apg2 begins as the baseline
     assert model.blocks.coef.requires_grad
+
+
+def test_gd_vit_trains_as_timms_vit_with_drop_path():
+    """Same weights, same random state, drop_path_rate > 0: the gd twin's training forward is timm's (two
+    independent masks per block, inside the branch), and so are its gradients."""
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5, drop_path_rate=0.5)
+    ref = perturb_(timm.create_model("vit_tiny_patch16_224", **args)).train()
+    model = timm.create_model("optdnn_gd_vit_ti", **args).train()
+    model.load_state_dict(ref.state_dict())
+    x = torch.randn(8, 3, 32, 32)
+    outs = []
+    for m in (ref, model):
+        torch.manual_seed(3)
+        outs.append(m(x))
+        outs[-1].square().sum().backward()
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+    with torch.no_grad():
+        assert (outs[1] - model.eval()(x)).abs().max() > 0.1  # the masks did drop paths
 
 
 def test_deit_wrapped_checkpoint_loads(tmp_path, image):
@@ -490,12 +551,34 @@ def test_fx_feature_extraction(family, grad):
         torch.testing.assert_close(out["norm"], expected)
 
 
+@pytest.mark.parametrize("family", ["vit", "convnext"])
+@pytest.mark.parametrize("scheme", [*SCHEMES, "apg2+norm"])
+def test_dynamo_traces_one_graph_with_no_break(family, scheme):
+    scheme, _, prox = scheme.partition("+")
+    model = tiny(family, scheme=scheme, prox=prox or None, drop_path_rate=0.1)
+    for mode in (True, False):  # training (drop-path, autograd) and eval
+        explained = torch._dynamo.explain(model.train(mode))(torch.randn(2, 3, 32, 32))
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 @pytest.mark.timeout(600)
-def test_torch_compile_matches_eager():
-    model = tiny("convnext").eval()
+@pytest.mark.parametrize("scheme", ["hb", "apg2"])
+def test_torch_compile_matches_eager(scheme):
+    """inductor's fused update against eager's `Step`: outputs and every gradient; and inference."""
+    model = perturb_(tiny("convnext", scheme=scheme)).train()
     x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for run in (model, torch.compile(model)):
+        model.zero_grad()
+        out = run(x)
+        out.square().sum().backward()
+        grads.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (eager, eager_grads), (compiled, compiled_grads) = grads
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    for n, g in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[n], g, rtol=1e-4, atol=1e-4 * g.abs().max().item(), msg=n)
     with torch.no_grad():
-        torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.compile(model.eval())(x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_convnext_channels_last():
