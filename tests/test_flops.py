@@ -11,9 +11,6 @@ import sys
 import pytest
 import torch
 
-from timm_optdnn.training.benchmark import MB, Pair, format_table, measure_rss, peak_live_bytes
-from timm_optdnn.training.benchmark import main as bench_main
-from timm_optdnn.models import schemes
 from timm_optdnn.flops import PUBLISHED, build, count, main, profile
 
 pytestmark = pytest.mark.timeout(120)
@@ -117,61 +114,3 @@ def test_console_entry_point():
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("| model | img |") and "| optdnn_apg2_convnext_iso_s | 64 |" in r.stdout
     assert "fvcore could not count" not in r.stderr
-
-
-# --- the benchmark script: smoke runs at toy size (its numbers are for docs/models.md, not tests) ---
-
-def test_saved_bytes_counts_activations_not_weights():
-    # every saved activation is per-image, so twice the batch saves twice the bytes
-    small, large = Pair("optdnn_apg2_vit_ti", 2, 32), Pair("optdnn_apg2_vit_ti", 4, 32)
-    assert large.saved_bytes() == pytest.approx(2 * small.saved_bytes(), rel=0.01)
-    assert small.saved_bytes() < sum(p.numel() * 4 for p in small.model.parameters())
-
-
-def test_benchmark_cli_smoke(capsys):
-    bench_main(["vit_ti", "--img-size", "32", "--batch-size", "2", "--repeats", "2", "--steps", "1",
-                "--threads", "1", "--no-rss", "--format", "json"])
-    gd, apg2 = json.loads(capsys.readouterr().out)
-    assert (gd["model"], apg2["model"]) == ("optdnn_gd_vit_ti", "optdnn_apg2_vit_ti")
-    assert all(r["infer_img_s"] > 0 and r["train_img_s"] > 0 and r["saved_mb"] > 0 for r in (gd, apg2))
-    table = format_table([gd, apg2]).splitlines()
-    assert table[2].startswith("| optdnn_gd_vit_ti |") and table[4].startswith("| **apg2 / gd** |")
-    assert f"**{apg2['saved_mb'] / gd['saved_mb']:.3f}**" in table[4]
-    mid, lo, hi = apg2["train_img_s_paired"]  # the median of the rounds' own ratios, not a ratio of medians
-    assert lo <= mid <= hi and f"**{mid:.3f}** ({lo:.2f}-{hi:.2f})" in table[4]
-
-
-def test_benchmark_unfused_runs_the_torch_ops(capsys, monkeypatch):
-    monkeypatch.setattr(schemes, "FUSED", True)  # main() sets it for its process; restored after the test
-    calls = []
-    monkeypatch.setattr(schemes, "fused_forward", lambda *a, **k: calls.append(1))
-    bench_main(["vit_ti", "--img-size", "32", "--batch-size", "2", "--repeats", "1", "--steps", "1",
-                "--threads", "1", "--no-rss", "--format", "json", "--unfused"])
-    assert not schemes.FUSED and not calls and "apg2 step in torch ops" in capsys.readouterr().err
-
-
-def test_benchmark_rss_probe_subprocess():
-    # big enough that the steps really grow RSS: at batch 2, 32 px the growth was 0.02-25 MiB, and the kernel's
-    # per-thread RSS counters (off by up to 64 pages each) once made it -0.1 MiB in CI; here 29-56 MiB
-    rss, live = measure_rss("optdnn_gd_vit_ti", 16, 64, 1)
-    assert 0 < rss < 1024 and 0 < live < 1024
-
-
-def test_peak_live_bytes_is_the_most_alive_at_once():
-    def one_at_a_time():
-        for _ in range(3):
-            torch.ones(MB // 4)  # 1 MiB, freed before the next
-
-    def all_at_once():
-        return [torch.ones(MB // 4) for _ in range(3)]
-
-    assert (peak_live_bytes(one_at_a_time), peak_live_bytes(all_at_once)) == (MB, 3 * MB)
-
-
-@pytest.mark.parametrize("args, message", [(["vit_xl"], "unknown model size(s) ['vit_xl']"),
-                                           (["--batch-size", "0"], "--batch-size must be >= 1"),
-                                           (["--repeats", "0"], "--repeats must be >= 1")])
-def test_benchmark_bad_inputs(capsys, args, message):
-    with pytest.raises(SystemExit) as e:
-        bench_main(args)
-    assert e.value.code == 2 and message in capsys.readouterr().err

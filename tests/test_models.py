@@ -14,7 +14,6 @@ import timm_optdnn
 from timm_optdnn.models import schemes
 from timm_optdnn.models.checkpoint import momenta_from_t
 from timm_optdnn.models.schemes import SCHEMES, SchemeBlocks, init_coefficients
-from timm_optdnn.training.benchmark import saved_bytes
 from reference_convnext_iso import ConvNeXtIsotropic
 
 ALL = timm.list_models("optdnn_*")
@@ -22,6 +21,21 @@ TINY = {  # every family at toy size, full code path; the scheme-neutral names t
     "vit": ("optdnn_vit_ti", dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=5)),
     "convnext": ("optdnn_convnext_iso_s", dict(dim=32, depth=3, patch_size=8, num_classes=5)),
 }
+
+
+def saved_bytes(model: nn.Module, forward) -> int:
+    """Bytes autograd saves for backward while `forward()` runs (parameters excluded; views of a storage once)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(saved.values())
 
 
 def tiny(family: str, **kw) -> nn.Module:

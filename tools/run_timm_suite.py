@@ -1,10 +1,12 @@
 """Run timm's own model test suite (tests/test_models.py of timm's source distribution) on the optdnn models.
 
-    python tools/run_timm_suite.py [extra pytest args]      (make timm-suite; ~2 min on 2 idle cores)
+    python tools/run_timm_suite.py [-k EXPR] [extra pytest args]      (make timm-suite)
 
-The sdist comes from PyPI (a package registry) into build/. timm's suite classifies models by name:
-its ViTs are listed in NON_STD_FILTERS (token outputs, no pool_size), so our ViT names are added
-there exactly as timm lists its own; nothing else in the suite is changed.
+The sdist comes from PyPI (a package registry) into build/. timm's suite picks models by name and by module, and
+our families join its lists exactly as timm lists its own: the ViTs NON_STD_FILTERS (token outputs, no pool_size),
+both modules FEAT_INTER_FILTERS (forward_intermediates, pruning, features_only through FeatureGetterNet);
+nothing else in the suite is changed. By default it runs every optdnn_apg2_* and optdnn_gd_* model; the
+scheme-neutral names (optdnn_vit_s, ...) build the same classes and are left out. `-k` picks others.
 """
 import subprocess
 import sys
@@ -14,9 +16,15 @@ from pathlib import Path
 import timm
 
 ROOT = Path(__file__).resolve().parent.parent / "build"
+LISTS = {  # timm's list -> the entries for our models, inserted at its head
+    "NON_STD_FILTERS": ["optdnn_*vit_*"],
+    "FEAT_INTER_FILTERS": ["vit", "convnext_iso"],  # module names: timm_optdnn.models.vit, .convnext_iso
+}
+DEFAULT_SELECTION = "optdnn_apg2_ or optdnn_gd_"
 
 
 def fetch_suite() -> Path:
+    """timm's tests for the installed timm version, with our families in its lists."""
     src = ROOT / f"timm-{timm.__version__}"
     if not (src / "tests" / "test_models.py").exists():
         ROOT.mkdir(exist_ok=True)
@@ -26,13 +34,20 @@ def fetch_suite() -> Path:
             tar.extractall(ROOT, filter="data")
     tests = src / "tests" / "test_models.py"
     text = tests.read_text()
-    if "'optdnn_*_vit_*'" not in text:
-        tests.write_text(text.replace("NON_STD_FILTERS = [\n", "NON_STD_FILTERS = [\n    'optdnn_*_vit_*',\n", 1))
+    for name, entries in LISTS.items():
+        head = f"{name} = [\n"
+        if head not in text:
+            raise RuntimeError(f"timm {timm.__version__}'s {tests} has no list {name}: update {__file__}")
+        missing = [e for e in entries if f"'{e}'," not in text]
+        if missing:
+            text = text.replace(head, head + "    " + " ".join(f"'{e}'," for e in missing) + "\n", 1)
+    tests.write_text(text)
     return src
 
 
 if __name__ == "__main__":
     src = fetch_suite()
+    args = sys.argv[1:] if "-k" in sys.argv[1:] else ["-k", DEFAULT_SELECTION, *sys.argv[1:]]
     runner = ("import sys, pytest, timm_optdnn; "
-              "sys.exit(pytest.main(['tests/test_models.py', '-k', 'optdnn', '-q', '-p', 'no:cacheprovider'] + sys.argv[1:]))")
-    sys.exit(subprocess.run([sys.executable, "-c", runner, *sys.argv[1:]], cwd=src).returncode)
+              "sys.exit(pytest.main(['tests/test_models.py', '-q', '-p', 'no:cacheprovider'] + sys.argv[1:]))")
+    sys.exit(subprocess.run([sys.executable, "-c", runner, *args], cwd=src).returncode)
