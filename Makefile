@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py timm_optdnn/data/_jpeg.c timm_optdnn/models/_apg2.c Makefile
+$(STAMP): pyproject.toml setup.py timm_optdnn/data/_jpeg.c Makefile
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PKGS)
 	test -x $(PY) || python3 -m venv .venv
