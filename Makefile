@@ -29,7 +29,7 @@ demo-compare: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -x --durations=15
 
-# timm's own tests/test_models.py (from timm's sdist on PyPI) on the optdnn models; ~2 min, not part of `test`
+# timm's own tests/test_models.py (from timm's sdist on PyPI) on the small optdnn models; ~8 min, not part of `test`
 timm-suite: $(STAMP)
 	$(PY) tools/run_timm_suite.py
 
