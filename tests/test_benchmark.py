@@ -1,5 +1,6 @@
 """The model benchmark (`python -m timm_optdnn.training.benchmark`): smoke runs at toy size; its numbers are for
 docs/models.md, not for tests."""
+import functools
 import json
 
 import pytest
@@ -11,7 +12,9 @@ pytestmark = pytest.mark.timeout(600)
 TOY = ["convnext_iso_fm", "--img-size", "28", "--batch-size", "2", "--repeats", "2", "--steps", "1"]
 
 
-def test_eager_and_compiled_side_by_side(capsys):
+def test_eager_and_compiled_side_by_side(capsys, monkeypatch):
+    # the benchmark's mechanics, not inductor (tests/test_models.py compiles): AOT autograd's graphs, run eagerly
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     main(TOY + ["--format", "json"])
     runs = json.loads(capsys.readouterr().out)["convnext_iso_fm"]
     assert set(runs) == {"eager", "compiled"}
