@@ -296,7 +296,7 @@ def report(rows: List[Dict[str, Any]], spec: Dict[str, Any], stats: Dict[str, An
              "the table's family.", "",
              "## Primary: final training cross-entropy (all 60,000 training images, eval mode)", "",
              "| arm | depth | runs (diverged) | mean CE | mean top-1 % | mean d [95 % CI] | CE change | d < 0 in "
-             "| signed-rank sum | p | Holm p | mean CPU s |", "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| signed-rank sum | p | Holm p | mean CPU s |", "|---|---:|---:|---:|---:|---|" + "---:|" * 6]
     for a in arms:
         for L in depths:
             c = stats["comparisons"][PRIMARY].get((a, L))
@@ -328,9 +328,10 @@ def report(rows: List[Dict[str, Any]], spec: Dict[str, Any], stats: Dict[str, An
         for L in depths:
             coefs = np.array([[float(c) for c in r["coef"].split()] for r in runs[(a, L)]]).mean(axis=0)
             gates = [float(g) for r in runs[(a, L)] for g in r["prox"].split()]
+            gate = f"{statistics.fmean(gates):.3f}" if gates else "–"
             above = sum(r["coef_above_1"] for r in runs[(a, L)])
             lines.append(f"| {a} | {L} | {coefs[0]:.3f} / {coefs[L // 2]:.3f} / {coefs[-1]:.3f} "
-                         f"| {above} of {L * len(runs[(a, L)])} | {statistics.fmean(gates) if gates else '–'} |")
+                         f"| {above} of {L * len(runs[(a, L)])} | {gate} |")
     return "\n".join(lines) + "\n"
 
 
@@ -357,7 +358,8 @@ def plot(rows: List[Dict[str, Any]], spec: Dict[str, Any], stats: Dict[str, Any]
     ax_ce.set(yscale="log", xlabel="depth L", ylabel="final training cross-entropy", title="mean ± std over seeds")
     deepest = depths[-1]
     for a in arms[1:]:
-        coefs = np.array([[float(c) for c in r["coef"].split()] for r in rows if r["arm"] == a and r["depth"] == deepest])
+        coefs = np.array([[float(c) for c in r["coef"].split()] for r in rows
+                          if r["arm"] == a and r["depth"] == deepest])
         ax_c.plot(coefs.mean(axis=0), "o-", ms=2, color=ARM_COLORS[a], label=f"{a} (mean over seeds)")
     ax_c.axhline(1, color="k", ls=":", lw=0.8)
     ax_c.set(xlabel="block k", ylabel="learned coefficient (hb: m_k, apg2: b_k)", title=f"depth {deepest}")
@@ -419,7 +421,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers}")
-    command = "python -m experiments." + NAME + (" --quick" if args.quick else "") + (" --reread" if args.reread else "")
+    command = " ".join(["python -m experiments." + NAME] + [f for f, on in (("--quick", args.quick),
+                                                                          ("--reread", args.reread)) if on])
     if args.reread:
         (args.out / f"{NAME}_reread.md").write_text(text := reread(args.out, command))
         print(text)

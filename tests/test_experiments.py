@@ -235,7 +235,8 @@ def test_paired_statistics():
     assert common.holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
     lo, hi = common.bootstrap_ci([1.0, 2.0, 3.0, 4.0])
     assert 1.0 <= lo < 2.5 < hi <= 4.0 and common.bootstrap_ci([2.0] * 5) == (2.0, 2.0)
-    rows = [dict(scheme=s, seed=seed, m=v) for s, vals in (("gd", (1, 2)), ("apg2", (3, 1))) for seed, v in enumerate(vals)]
+    rows = [dict(scheme=s, seed=seed, m=v) for s, vals in (("gd", (1, 2)), ("apg2", (3, 1)))
+            for seed, v in enumerate(vals)]
     assert common.paired(rows, "m", float) == {("apg2",): {0: 2.0, 1: -1.0}}
     with pytest.raises(ValueError, match="one run per seed"):
         common.paired(rows + rows[:1], "m", float)
