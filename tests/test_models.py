@@ -8,9 +8,10 @@ import torch
 import torch.nn as nn
 
 import timm_optdnn
-from timm_optdnn.training.benchmark import saved_bytes
 from timm_optdnn.models import schemes
-from timm_optdnn.models.schemes import Apg2Step, SchemeBlocks, apg2_step, fused_forward, init_coefficients
+from timm_optdnn.models.checkpoint import momenta_from_t
+from timm_optdnn.models.schemes import SCHEMES, SchemeBlocks, init_coefficients
+from timm_optdnn.training.benchmark import saved_bytes
 from reference_convnext_iso import ConvNeXtIsotropic
 
 ALL = timm.list_models("optdnn_*")
@@ -64,206 +65,178 @@ class Lin(nn.Module):
         return torch.tanh(self.fc(x))
 
 
-def hand_loop(scheme, branches, coefs, x):
-    """DESIGN.md section 1, transcribed literally (z and x kept separately for apg2)."""
-    x_prev, z = x, x
+def hand_loop(scheme, branches, b, x):
+    """DESIGN.md section 1, transcribed literally: hb/nag with m_{k+1} = b_k (m_0 multiplies x_0 - x_{-1} = 0), apg2 in
+    its division-free state (y, e)."""
+    m = [0.0] + list(b)
+    x_prev, y, e = x, x, torch.zeros_like(x)
     for k, f in enumerate(branches):
         if scheme == "gd":
             x = x + f(x)
         elif scheme == "hb":
-            x, x_prev = x + f(x) + coefs[k] * (x - x_prev), x
+            x, x_prev = x + f(x) + m[k] * (x - x_prev), x
         elif scheme == "nag":
-            y = x + coefs[k] * (x - x_prev)
+            y = x + m[k] * (x - x_prev)
             x, x_prev = y + f(y), x
         else:
-            t = coefs[k]
-            y = (1 - t) * x + t * z
-            z = z + f(y) / t
-            x = (1 - t) * x + t * z
+            fy = f(y)
+            x = y + fy
+            if k < len(b):
+                e = b[k] * (e + fy)
+                y = x + e
     return x
 
 
-@pytest.mark.parametrize("scheme", ["gd", "hb", "nag", "apg2"])
-def test_scheme_matches_hand_written_loop(scheme):
-    branches = [Lin(k) for k in range(5)]
-    blocks = SchemeBlocks(copy.deepcopy(branches), scheme=scheme)
+def t_form_apg2(branches, t, x):
+    """apg2 as the earlier releases computed it: y = (1-t) x + t z, z' = z + F(y)/t, x' = (1-t) x + t z'."""
+    z = x
+    for k, f in enumerate(branches):
+        y = (1 - t[k]) * x + t[k] * z
+        z = z + f(y) / t[k]
+        x = (1 - t[k]) * x + t[k] * z
+    return x
+
+
+B5 = [0.0, 0.7, 0.45, 1.3]  # away from the init schedule, one above 1, so every coefficient matters
+
+
+def blocks_of(scheme, depth=5, **kw):
+    blocks = SchemeBlocks([Lin(k) for k in range(depth)], scheme=scheme, **kw).double()
     if scheme != "gd":
-        with torch.no_grad():  # away from the init schedule, so every coefficient matters
-            blocks.coef.copy_(torch.tensor([0.9, 0.7, 0.45, 0.3, 0.6]))
+        with torch.no_grad():
+            blocks.coef.copy_(torch.tensor(B5[:depth - 1]))
+    return blocks
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_scheme_matches_hand_written_loop(scheme, fused):
+    """Outputs, and gradients of every parameter (the coefficients' included): `Step`'s backward against autograd."""
+    blocks = blocks_of(scheme, fused=fused)
+    branches = [copy.deepcopy(f) for f in blocks]
+    b = blocks.coef.detach().clone().requires_grad_(True)
     x = torch.randn(3, 4, dtype=torch.float64)
-    blocks.double()
-    coefs = blocks.coef.detach()
-    expected = hand_loop(scheme, [b.double() for b in branches], coefs, x)
-    torch.testing.assert_close(blocks(x), expected, rtol=1e-12, atol=1e-12)
+    out = blocks(x)
+    expected = hand_loop(scheme, branches, b, x)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    out.sin().sum().backward()
+    expected.sin().sum().backward()
+    if scheme != "gd":
+        torch.testing.assert_close(blocks.coef.grad, b.grad, rtol=1e-10, atol=1e-12)
+    mine = [p for n, p in blocks.named_parameters() if n != "coef"]
+    for p, ref in zip(mine, [p for f in branches for p in f.parameters()], strict=True):
+        torch.testing.assert_close(p.grad, ref.grad, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # the inference path: the plain ops
+        torch.testing.assert_close(blocks(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_step_takes_gradients_of_any_layout_and_none():
+    """`Step`'s backward against autograd through the plain ops, for a channels-last state, a gradient in another
+    layout (NCHW, as a pooled head gives) and one step whose x' reaches nothing but y'."""
+    g = torch.Generator().manual_seed(0)
+    y, fy, x = [torch.randn(2, 6, 5, 4, generator=g).contiguous(memory_format=torch.channels_last) for _ in range(3)]
+    g_y1 = torch.randn(2, 6, 5, 4, generator=g)
+    b = torch.tensor(0.6)
+    for g_x1 in (None, torch.randn(2, 6, 5, 4, generator=g)):
+        grads = []
+        for step in (schemes.Step.apply, lambda y, fy, x, b: (y + fy, schemes.extrapolate(x, y + fy, b))):
+            inputs = [t.clone().requires_grad_(True) for t in (y, fy, x, b)]
+            x1, y1 = step(*inputs)
+            torch.autograd.backward((y1,) if g_x1 is None else (y1, x1), (g_y1,) if g_x1 is None else (g_y1, g_x1))
+            grads.append([t.grad for t in inputs])
+        for mine, ref in zip(*grads, strict=True):
+            torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_t_form_apg2_converts_to_the_same_network():
+    """The earlier t_k, converted with b_k = t_{k+1} (1 - t_k) / t_k, give the division-free driver the earlier
+    network's outputs (float64: to rounding), also for t_k > 1 as training once produced."""
+    t = torch.tensor([1.0034, 0.7, 0.45, 0.3, 0.6], dtype=torch.float64)
+    blocks = blocks_of("apg2")
+    with torch.no_grad():
+        blocks.coef.copy_(momenta_from_t(t))
+    x = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(blocks(x), t_form_apg2([copy.deepcopy(f) for f in blocks], t, x), rtol=1e-9, atol=1e-12)
+    assert momenta_from_t(2.0 / (torch.arange(6) + 2.0)).tolist() == pytest.approx(init_coefficients("apg2", 6).tolist())
+    with pytest.raises(ValueError, match="must be positive"):
+        momenta_from_t(torch.tensor([1.0, 0.0, 0.5]))
 
 
 @pytest.mark.parametrize("scheme", ["hb", "nag", "apg2"])
-def test_scheme_gradients_match_hand_written_loop(scheme):
-    """apg2 rebuilds F(y) in backward instead of saving it: gradients must still be autograd's."""
-    branches = [Lin(k).double() for k in range(5)]
-    blocks = SchemeBlocks(copy.deepcopy(branches), scheme=scheme).double()
-    with torch.no_grad():
-        blocks.coef.copy_(torch.tensor([1.0, 0.7, 0.45, 0.3, 0.6]))
-    coef = blocks.coef.detach().clone().requires_grad_(True)
-    x = torch.randn(3, 4, dtype=torch.float64)
-    blocks(x).sin().sum().backward()
-    hand_loop(scheme, branches, coef, x).sin().sum().backward()
-    torch.testing.assert_close(blocks.coef.grad, coef.grad, rtol=1e-10, atol=1e-12)
-    mine = [p for n, p in blocks.named_parameters() if n != "coef"]
-    for p, ref in zip(mine, [p for b in branches for p in b.parameters()], strict=True):
-        torch.testing.assert_close(p.grad, ref.grad, rtol=1e-10, atol=1e-12)
-
-
-def test_apg2_rebuilt_state_gives_autograds_gradients(monkeypatch):
-    """Apg2Step keeps every m-th d (m = ceil(sqrt(10)) = 4 here: d_4, d_8) and rebuilds the others in backward, once
-    per segment: against plain autograd through the same float32 step (apg2_step, what TorchScript runs), every
-    gradient, the coefficients' included, differs by float32 rounding only; a retained graph's second backward too."""
-    blocks = SchemeBlocks([Lin(k) for k in range(10)], scheme="apg2")
-    with torch.no_grad():
-        blocks.coef.copy_(torch.tensor([1.0, 0.7, 0.45, 0.3, 0.6, 0.9, 0.2, 0.5, 0.8, 0.35]))
-    x = torch.randn(20000, 4)  # 80,000 elements: both threads of the kernels get work
-    grads, over, rebuilt = [], [], []
-    fused, rebuild = schemes.fused_forward, schemes.rebuild_d
-    monkeypatch.setattr(schemes, "fused_forward", lambda *a, **kw: over.append(kw["d_out"] is a[2]) or fused(*a, **kw))
-    monkeypatch.setattr(schemes, "rebuild_d", lambda kept, ys, ts: rebuilt.append(len(ys) - 1) or rebuild(kept, ys, ts))
-
-    def backward(out, **kw):
-        blocks.zero_grad()
-        out.backward(**kw)
-        grads.append({n: p.grad.clone() for n, p in blocks.named_parameters()})
-
-    out = blocks(x).sin().sum()
-    backward(out, retain_graph=True)
-    backward(out)
-    blocks.apg2_step_lean = lambda y, fy, d, t0, t1, *segment: apg2_step(y, fy, d, t0, t1)  # shadows it
-    backward(blocks(x).sin().sum())
-    mine, again, plain = grads
-    for n, g in plain.items():
-        torch.testing.assert_close(mine[n], g, rtol=1e-5, atol=1e-5 * g.abs().max().item())
-        assert torch.equal(again[n], mine[n])
-    assert over == [True] * 4 + [False] + [True] * 3 + [False]  # d' is written over d, unless d is kept
-    assert rebuilt == [3, 3] * 2  # d_1..d_3 from d_0 = 0, d_5..d_7 from d_4 (step 8's d_8 is kept), each backward
-
-
-LAYOUTS = {  # 2 x 76,800 elements: both threads of the fused kernels get work
-    "contiguous": lambda t: t.reshape(4, 50, 384),
-    "channels_last": lambda t: t.reshape(4, 384, 10, 5).contiguous(memory_format=torch.channels_last),
-    "transposed": lambda t: t.reshape(4, 384, 50).transpose(1, 2),  # not dense in one order: the torch ops
-}
-
-
-@pytest.mark.parametrize("d_used", [True, False], ids=["d_used", "last_step"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_fused_apg2_step_matches_the_torch_ops(layout, d_used, monkeypatch):
-    """_apg2.c against the torch ops it replaces: forward (also written over its inputs), backward's rebuilt d's, and
-    every gradient (also when d' reaches nothing, as after the last step: its gradient is None, not zeros)."""
-    g = torch.Generator().manual_seed(0)
-    y, fy, d, g_y1, g_d1 = [LAYOUTS[layout](torch.randn(4 * 50 * 384, generator=g)) for _ in range(5)]
-    t0, t1 = torch.tensor(0.55), torch.tensor(0.4)
-    fusable = schemes.fusable(y, fy, d)
-    assert fusable == (layout != "transposed")
-    y1, d1 = apg2_step(y, fy, d, t0, t1)
-    first = apg2_step(y, fy, torch.zeros_like(d), t0, t1)  # d_0 = 0, passed as None
-    if fusable:
-        fresh, y_, d_ = fused_forward(y, fy, d, t0, t1), y.clone(), d.clone()
-        for mine, ref in zip(fresh + fused_forward(y, fy, None, t0, t1), (y1, d1) + first):
-            torch.testing.assert_close(mine, ref, rtol=1e-6, atol=1e-6)
-            assert mine.stride() == ref.stride()
-        assert all(o is i for o, i in zip(fused_forward(y_, fy, d_, t0, t1, y_, d_), (y_, d_)))
-        assert torch.equal(y_, fresh[0]) and torch.equal(d_, fresh[1])  # written over y, d: the same numbers
-    t2 = torch.tensor(0.7)
-    ts = torch.stack([t0, t1, t2])
-    y2, d2 = apg2_step(y1, g_y1, d1, t1, t2)  # a second step, from d and from d = 0
-    first2 = apg2_step(first[0], g_y1, first[1], t1, t2)
-
-    def rebuilds():  # d', d'' from y, y', y'' and d, and from y, y', y'' alone (d = 0)
-        return schemes.rebuild_d(d, [y, y1, y2], ts) + schemes.rebuild_d(None, [y, first[0], first2[0]], ts)
-
-    rebuilt = rebuilds()
-
-    def grads():
-        inputs = [t.clone().requires_grad_(True) for t in (y, fy, d, t0, t1)]
-        state = inputs[2].clone()  # as in the driver, d is an earlier step's output; kept here, so not written over
-        y1, d1 = Apg2Step.apply(*inputs[:2], state, *inputs[3:], t0[None], 0, {}, state)
-        # clones: the fused backward writes the gradient of d over that of d', which in the driver is its own
-        torch.autograd.backward((y1, d1) if d_used else y1, (g_y1, g_d1.clone()) if d_used else g_y1)
-        return [t.grad for t in inputs]
-
-    fused, again = grads(), grads()
-    monkeypatch.setattr(schemes, "FUSED", False)
-    for mine, same, ref in zip(fused, again, grads(), strict=True):
-        assert torch.equal(mine, same)  # per-thread sums added in a fixed order: repeatable
-        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-    for mine, ref in zip(rebuilt, rebuilds(), strict=True):
-        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
-    for mine, ref in zip(rebuilt, (d1, d2, first[1], first2[1]), strict=True):
-        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
-
-
-def test_apg2_inference_overwrites_only_its_own_state(monkeypatch):
-    """Inference writes y' over y (d' always takes d's place): the same output as training's step, the caller's input
-    untouched, and never a block input that a hook may keep (y_2 below)."""
-    blocks = SchemeBlocks([Lin(k) for k in range(5)], scheme="apg2")
-    x = torch.randn(20000, 4)  # 80,000 elements: both threads of the kernel get work
-    x0, ref, seen, in_place = x.clone(), [], [], []
-    blocks[2].register_forward_pre_hook(lambda m, args: ref.append(args[0].clone()))
-    expected = blocks(x).detach()  # autograd on: Apg2Step, fresh tensors
-    blocks[2].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    fused = schemes.fused_forward
-    monkeypatch.setattr(schemes, "fused_forward", lambda *a, **kw: in_place.append(kw["y_out"] is a[0]) or fused(*a, **kw))
-    with torch.inference_mode():
-        assert torch.equal(blocks(x), expected)
-    assert in_place == [False, True, False, True]  # y_0 is the caller's, block 2 is hooked
-    assert torch.equal(x, x0) and torch.equal(seen[0], ref[0])
-    blocks[2]._forward_pre_hooks.clear()
-    in_place.clear()
-    with torch.no_grad():
-        assert torch.equal(blocks(x), expected)
-    assert in_place == [False, True, True, True]
-
-
-def test_apg2_inference_takes_torch_ops_for_a_branch_output_in_another_layout():
-    class Transposed(Lin):  # F(y) of y's shape in column-major strides: the fused kernel would misread it
-        def forward(self, x):
-            return super().forward(x).t().contiguous().t()
-
-    blocks = SchemeBlocks([Lin(0), Transposed(1), Lin(2), Lin(3)], scheme="apg2")
-    x = torch.randn(20000, 4)
-    expected = blocks(x).detach()
-    with torch.no_grad():
-        torch.testing.assert_close(blocks(x), expected)
+def test_earlier_checkpoints_convert_on_load(scheme, tmp_path):
+    """A state dict with one coefficient per block (the earlier form) loads through the pretrained filter: apg2's t_k
+    give the t-form network's logits, hb's and nag's m_k lose m_0 (it multiplied zero)."""
+    model = tiny("convnext", scheme=scheme).eval()
+    state = perturb_(copy.deepcopy(model)).state_dict()
+    old = torch.tensor([1.0, 0.8, 0.5]) if scheme == "apg2" else torch.tensor([0.3, 0.2, 0.4])
+    state["blocks.coef"] = old
+    torch.save(state, tmp_path / "old.pth")
+    loaded = tiny("convnext", scheme=scheme, pretrained=True,
+                  pretrained_cfg_overlay=dict(file=str(tmp_path / "old.pth"), num_classes=5)).eval()
+    expected = momenta_from_t(old) if scheme == "apg2" else old[1:]
+    assert loaded.scheme_coefficients() == pytest.approx(expected.tolist())
+    if scheme == "apg2":
+        x = torch.randn(2, 3, 32, 32)
+        ref = copy.deepcopy(loaded)
+        with torch.no_grad():
+            stem = ref.embed(x)
+            feats = t_form_apg2(list(ref.blocks), old, stem)
+            torch.testing.assert_close(loaded(x), ref.forward_head(feats), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["vit", "convnext"])
-@pytest.mark.parametrize("depth", [2, 10])
-def test_apg2_saves_every_mth_state_beyond_gd_and_nothing_else(family, depth):
+def test_apg2_with_zero_momenta_is_gd_bit_for_bit(family):
+    """b = 0 (the warm start) computes the gd network exactly: outputs, and every gradient, in a training step with
+    drop-path (same random state)."""
+    torch.manual_seed(0)
+    apg2 = perturb_(tiny(family, drop_path_rate=0.2))
+    gd = tiny(family, scheme="gd", drop_path_rate=0.2)
+    gd.load_state_dict({k: v for k, v in apg2.state_dict().items() if k != "blocks.coef"})
+    with torch.no_grad():
+        apg2.blocks.coef.zero_()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(apg2(x), gd.eval()(x))
+    outs = []
+    for model in (apg2.train(), gd.train()):
+        torch.manual_seed(1)
+        outs.append(model(x))
+        outs[-1].square().sum().backward()
+    assert torch.equal(*outs)
+    for (n, p), q in zip([(n, p) for n, p in apg2.named_parameters() if n != "blocks.coef"], gd.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), n
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext"])
+@pytest.mark.parametrize("b", [-0.5, 2.0])
+def test_extreme_momenta_give_finite_outputs_and_gradients(family, b):
+    model = tiny(family, depth=8).train()
+    with torch.no_grad():
+        model.blocks.coef.fill_(b)
+    out = model(torch.randn(2, 3, 32, 32))
+    out.square().mean().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext"])
+def test_apg2_saves_one_state_per_block_more_than_gd(family):
+    """`Step` keeps x_k and x_{k+1} (the next step's x_k): x_1..x_{L-1} beyond gd; everything else is gd's."""
     x = torch.randn(4, 3, 32, 32)
-    gd, apg2 = tiny(family, scheme="gd", depth=depth).train(), tiny(family, depth=depth).train()
-    state = apg2.blocks[0](apg2.stem(x) if family == "convnext" else apg2._pos_embed(apg2.patch_embed(x)))
+    gd, apg2 = tiny(family, scheme="gd", depth=5).train(), tiny(family, depth=5).train()
+    state = apg2.blocks[0](apg2.embed(x))
     extra = saved_bytes(apg2, lambda: apg2(x)) - saved_bytes(gd, lambda: gd(x))
-    kept = {2: 0, 10: 2}[depth]  # d_k for 0 < k < depth - 1 with k % ceil(sqrt(depth)) == 0: none; d_4, d_8
-    assert extra == kept * state.numel() * state.element_size()
+    assert extra == 4 * state.numel() * state.element_size()
 
 
 def test_initial_coefficients_follow_the_algorithms():
-    torch.testing.assert_close(init_coefficients("apg2", 4), torch.tensor([1.0, 2 / 3, 0.5, 0.4]))
-    torch.testing.assert_close(init_coefficients("nag", 4), torch.tensor([0.0, 0.0, 0.25, 0.4]))
+    torch.testing.assert_close(init_coefficients("apg2", 5), torch.tensor([0.0, 0.25, 0.4, 0.5]))
+    assert init_coefficients("nag", 5).tolist() == init_coefficients("hb", 5).tolist() == init_coefficients("apg2", 5).tolist()
     model = tiny("vit")
-    assert model.scheme_coefficients()[:2] == pytest.approx([1.0, 2 / 3])
-    assert "t=[1.000, 0.667" in repr(model.blocks)
-
-
-@pytest.mark.parametrize("family", ["vit", "convnext"])
-def test_apg2_with_unit_t_is_gd_bit_for_bit(family):
-    torch.manual_seed(0)
-    apg2 = perturb_(tiny(family))
-    gd = tiny(family, scheme="gd")
-    state = {k: v for k, v in apg2.state_dict().items() if k != "blocks.coef"}
-    gd.load_state_dict(state)
+    assert model.scheme_coefficients() == pytest.approx([0.0, 0.25])
+    assert "b=[0.000, 0.250] (0 above 1)" in repr(model.blocks)
     with torch.no_grad():
-        apg2.blocks.coef.fill_(1.0)
-    x = torch.randn(2, 3, 32, 32)
-    assert torch.equal(apg2(x), gd.eval()(x))
+        model.blocks.coef.fill_(1.5)
+    assert "(2 above 1)" in repr(model)
 
 
 @pytest.mark.parametrize("family", ["vit", "convnext"])
@@ -319,7 +292,7 @@ def test_timm_vit_checkpoint_loads_into_gd_and_apg2_with_same_logits(tmp_path, i
         with torch.no_grad():
             out = model(image)
         assert (out - expected).abs().max() <= 1e-5, scheme
-    assert model.scheme_coefficients() == [1.0] * 12  # warm start: apg2 begins as the baseline
+    assert model.scheme_coefficients() == [0.0] * 11  # warm start: apg2 begins as the baseline
     assert model.blocks.coef.requires_grad
 
 
@@ -459,7 +432,7 @@ def test_forward_intermediates_and_prune(family):
     kept = model.prune_intermediate_layers([1])
     assert kept == [1] and len(model.blocks) == 2
     if model.blocks.scheme == "apg2":
-        assert model.blocks.coef.shape == (2,)
+        assert model.blocks.coef.shape == (1,)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_intermediates(x, indices=[1], intermediates_only=True)[0], before)
 
@@ -475,9 +448,10 @@ def test_features_only_through_timm(family):
 
 
 @pytest.mark.parametrize("family", ["vit", "convnext"])
-@pytest.mark.parametrize("scheme", ["gd", "apg2", "nag"])
+@pytest.mark.parametrize("scheme", ["gd", "apg2", "nag", "apg2+norm"])
 def test_torchscript(family, scheme):
-    model = tiny(family, scheme=scheme).eval()
+    scheme, _, prox = scheme.partition("+")
+    model = tiny(family, scheme=scheme, prox=prox or None).eval()
     x = torch.randn(2, 3, 32, 32)
     scripted = torch.jit.script(model)
     with torch.no_grad():
@@ -514,3 +488,52 @@ def test_convnext_channels_last():
         ref = model(x)
         model = model.to(memory_format=torch.channels_last)
         torch.testing.assert_close(model(x.to(memory_format=torch.channels_last)), ref)
+
+
+# --- the prox (apg2, experimental) -----------------------------------------------------------------
+
+def test_prox_starts_as_the_plain_scheme_and_learns_its_gates():
+    """prox="norm" with its gates at 0 is plain apg2 bit for bit (a baseline loads with gates 0); with gates set it
+    is x' = v + g (N(v) - v), N a layer norm over channels without affine parameters, and the gates get gradients."""
+    torch.manual_seed(0)
+    plain = perturb_(tiny("convnext"))
+    prox = tiny("convnext", prox="norm").eval()
+    missing, unexpected = prox.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["blocks.prox_gate"] and not unexpected
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(prox(x), plain(x))
+    assert "prox=norm, g=[0.000, 0.000, 0.000]" in repr(prox.blocks)
+
+    blocks = blocks_of("apg2", prox="norm")
+    with torch.no_grad():
+        blocks.prox_gate.copy_(torch.tensor([0.3, -0.2, 0.5, 1.0, 0.1]))
+    g, b = blocks.prox_gate.detach(), blocks.coef.detach()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    x_k = y = x
+    for k, f in enumerate(blocks):
+        v = y + f(y)
+        n = (v - v.mean(-1, keepdim=True)) / torch.sqrt(v.var(-1, unbiased=False, keepdim=True) + 1e-6)
+        x_next = v + g[k] * (n - v)
+        y = x_next + b[k] * (x_next - x_k) if k < len(b) else x_next
+        x_k = x_next
+    out = blocks(x)
+    torch.testing.assert_close(out, x_k, rtol=1e-10, atol=1e-12)
+    out.sum().backward()
+    assert blocks.prox_gate.grad.abs().min() > 0
+
+
+@pytest.mark.parametrize("scheme", ["gd", "hb", "nag"])
+def test_prox_is_apg2_only(scheme):
+    with pytest.raises(ValueError, match="for scheme 'apg2' only"):
+        tiny("vit", scheme=scheme, prox="norm")
+    with pytest.raises(ValueError, match="the prox is one of"):
+        tiny("vit", prox="l1")
+
+
+def test_prox_checkpoint_into_a_model_without_prox_is_refused(tmp_path):
+    torch.save(tiny("vit", prox="norm").state_dict(), tmp_path / "prox.pth")
+    with pytest.raises(ValueError, match=r"prox gates \(blocks.prox_gate\)"):
+        tiny("vit", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "prox.pth"), num_classes=5))
+    model = tiny("vit", prox="norm", pretrained=True,
+                 pretrained_cfg_overlay=dict(file=str(tmp_path / "prox.pth"), num_classes=5))
+    assert model.blocks.prox_gate.shape == (3,) and not model.blocks.prox_gate.any()

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import trunc_normal_
+from timm.layers import DropPath, calculate_drop_path_rates, trunc_normal_
 from timm.layers.helpers import get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -21,9 +21,9 @@ __all__ = ["OptDNNConvNeXtIsotropic"]
 
 
 class ConvNeXtBranch(nn.Module):
-    """F(x) = gamma * pw2(GELU(pw1(LN(dw7x7(x))))), NCHW in and out."""
+    """F(x) = drop_path(gamma * pw2(GELU(pw1(LN(dw7x7(x)))))), NCHW in and out."""
 
-    def __init__(self, dim: int, layer_scale_init_value: float = 0.0, device=None, dtype=None):
+    def __init__(self, dim: int, layer_scale_init_value: float = 0.0, drop_path: float = 0.0, device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim, **dd)
@@ -32,12 +32,13 @@ class ConvNeXtBranch(nn.Module):
         self.act = nn.GELU()
         self.pwconv2 = nn.Linear(4 * dim, dim, **dd)
         self.gamma = nn.Parameter(torch.full((dim,), layer_scale_init_value, **dd)) if layer_scale_init_value > 0 else None
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pwconv2(self.act(self.pwconv1(self.norm(self.dwconv(x).permute(0, 2, 3, 1)))))
         if self.gamma is not None:
             x = self.gamma * x
-        return x.permute(0, 3, 1, 2)
+        return self.drop_path(x.permute(0, 3, 1, 2))
 
 
 class OptDNNConvNeXtIsotropic(nn.Module):
@@ -56,6 +57,7 @@ class OptDNNConvNeXtIsotropic(nn.Module):
             drop_rate: float = 0.0,
             patch_size: int = 16,
             scheme: str = "apg2",
+            prox: Optional[str] = None,
             device=None,
             dtype=None,
     ):
@@ -68,8 +70,9 @@ class OptDNNConvNeXtIsotropic(nn.Module):
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = dim
         self.stem = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, **dd)
-        self.blocks = SchemeBlocks([ConvNeXtBranch(dim, layer_scale_init_value, **dd) for _ in range(depth)],
-                                   scheme=scheme, drop_path_rate=drop_path_rate, **dd)
+        self.blocks = SchemeBlocks([ConvNeXtBranch(dim, layer_scale_init_value, dpr, **dd)
+                                    for dpr in calculate_drop_path_rates(drop_path_rate, depth)],
+                                   scheme=scheme, prox=prox, channel_dim=1, **dd)
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=dim, reduction=patch_size) for i in range(depth)]
         self.norm = nn.LayerNorm(dim, eps=1e-6, **dd)
         self.head_drop = nn.Dropout(drop_rate)

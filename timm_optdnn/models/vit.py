@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import Attention, LayerScale, Mlp, PatchEmbed, trunc_normal_
+from timm.layers import Attention, DropPath, LayerScale, Mlp, PatchEmbed, calculate_drop_path_rates, trunc_normal_
 from timm.layers.helpers import get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -29,25 +29,29 @@ POOLS = ("", "avg", "avgmax", "max", "token")
 
 
 class ViTBranch(nn.Module):
-    """F(x) = ls1*Attn(LN1 x) + ls2*MLP(LN2(x + ls1*Attn(LN1 x))), with timm's Block key names."""
+    """F(x) = a + dp2(ls2*MLP(LN2(x + a))), a = dp1(ls1*Attn(LN1 x)): timm's Block minus its identity, with its key
+    names and its two independent drop-path masks."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  qk_norm: bool = False, proj_drop: float = 0.0, attn_drop: float = 0.0,
-                 init_values: Optional[float] = None, norm_layer: Type[nn.Module] = nn.LayerNorm,
-                 act_layer: Type[nn.Module] = nn.GELU, device=None, dtype=None):
+                 init_values: Optional[float] = None, drop_path: float = 0.0,
+                 norm_layer: Type[nn.Module] = nn.LayerNorm, act_layer: Type[nn.Module] = nn.GELU,
+                 device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.norm1 = norm_layer(dim, **dd)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
                               attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer, **dd)
         self.ls1 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
         self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.ls1(self.attn(self.norm1(x)))
-        return a + self.ls2(self.mlp(self.norm2(x + a)))
+        a = self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return a + self.drop_path2(self.ls2(self.mlp(self.norm2(x + a))))
 
 
 class OptDNNVisionTransformer(nn.Module):
@@ -75,6 +79,7 @@ class OptDNNVisionTransformer(nn.Module):
             attn_drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
             scheme: str = "apg2",
+            prox: Optional[str] = None,
             device=None,
             dtype=None,
     ):
@@ -102,9 +107,9 @@ class OptDNNVisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
 
         self.blocks = SchemeBlocks([
-            ViTBranch(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_norm, proj_drop_rate,
-                      attn_drop_rate, init_values, norm_layer, **dd) for _ in range(depth)
-        ], scheme=scheme, drop_path_rate=drop_path_rate, **dd)
+            ViTBranch(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_norm, proj_drop_rate, attn_drop_rate,
+                      init_values, dpr, norm_layer, **dd) for dpr in calculate_drop_path_rates(drop_path_rate, depth)
+        ], scheme=scheme, prox=prox, **dd)
         reduction = self.patch_embed.feat_ratio()
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=reduction)
                              for i in range(depth)]
@@ -151,6 +156,10 @@ class OptDNNVisionTransformer(nn.Module):
         self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.head.train(self.training)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (with the class token) plus position embedding: the state x_0 the blocks start from."""
+        return self._pos_embed(self.patch_embed(x))
+
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
@@ -171,7 +180,7 @@ class OptDNNVisionTransformer(nn.Module):
             raise ValueError("output_fmt must be 'NCHW' or 'NLC'")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         B, _, height, width = x.shape
-        x = self._pos_embed(self.patch_embed(x))
+        x = self.embed(x)
         stop = max_index + 1 if stop_early else len(self.blocks)
         x, intermediates = self.blocks.run(x, take_indices, stop)
         if norm:
@@ -200,8 +209,7 @@ class OptDNNVisionTransformer(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._pos_embed(self.patch_embed(x))
-        return self.norm(self.blocks(x))
+        return self.norm(self.blocks(self.embed(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = global_pool_nlc(x, pool_type=self.global_pool, num_prefix_tokens=self.num_prefix_tokens)
