@@ -54,8 +54,8 @@ def test_quick_mode(experiment, tmp_path, built):
     for r in table:
         for key, (lo, hi) in SANE[experiment].items():
             assert lo <= float(r[key]) <= hi, f"{experiment.NAME} {r['scheme']}: {key}={r[key]}"
-        # one learned coefficient per block, none for gd; equal budgets up to those scalars
-        assert len(r["coef"].split()) == (0 if r["scheme"] == "gd" else int(r["depth"]))
+        # one learned momentum between consecutive blocks, none for gd; equal budgets up to those scalars
+        assert len(r["coef"].split()) == (0 if r["scheme"] == "gd" else int(r["depth"]) - 1)
         twin = next(t for t in table if t["scheme"] == "gd" and t["depth"] == r["depth"] and t["width"] == r["width"])
         assert int(r["params"]) - int(twin["params"]) == len(r["coef"].split())
 
@@ -95,25 +95,25 @@ def test_fmnist_schemes_quick_trains_each_scheme_through_the_driver(tmp_path):
         assert model.scheme_coefficients() == pytest.approx(coef, abs=6e-4)
         if coef:  # learned: trained away from the algorithm's schedule
             init = init_coefficients(t["scheme"], len(model.blocks))
-            assert len(coef) == len(model.blocks) and max(abs(a - b) for a, b in zip(coef, init.tolist())) > 1e-3
+            assert len(coef) == len(model.blocks) - 1 and max(abs(a - b) for a, b in zip(coef, init.tolist())) > 1e-3
 
     png = matplotlib.image.imread(tmp_path / "fmnist_schemes.png")
     assert png.ndim == 3 and min(png.shape[:2]) > 200 and png[..., :3].std() > 0.05
 
 
-def test_mlp_two_layer_branches_paired_init_apg2_at_t1_is_gd():
+def test_mlp_two_layer_branches_paired_init_apg2_at_b0_is_gd():
     gd, apg2 = (common.build(dict(seed=0, width=5, depth=4, hidden=7, scheme=s), 3, 2) for s in ("gd", "apg2"))
     for branch in gd.blocks:
         assert (branch.fc1.in_features, branch.fc1.out_features, branch.fc2.out_features) == (5, 7, 5)
-    # same seed, same weights (apg2 only adds its t_k): the experiments' scheme comparisons are paired
+    # same seed, same weights (apg2 only adds its b_k): the experiments' scheme comparisons are paired
     assert set(apg2.state_dict()) - set(gd.state_dict()) == {"blocks.coef"}
     assert all(torch.equal(v, apg2.state_dict()[k]) for k, v in gd.state_dict().items())
     x = torch.randn(16, 3)
-    assert not torch.allclose(apg2(x), gd(x))  # t_k = 2/(k+2) differs from the baseline...
+    assert not torch.allclose(apg2(x), gd(x))  # b_k = k/(k+3) differs from the baseline...
     with torch.no_grad():
-        apg2.blocks.coef.fill_(1.0)
-    torch.testing.assert_close(apg2(x), gd(x))  # ...and t_k = 1 is the baseline exactly
-    assert "blocks.coef" in apg2.no_weight_decay() and len(apg2.scheme_coefficients()) == 4
+        apg2.blocks.coef.zero_()
+    torch.testing.assert_close(apg2(x), gd(x), rtol=0, atol=0)  # ...and b = 0 is the baseline exactly
+    assert "blocks.coef" in apg2.no_weight_decay() and len(apg2.scheme_coefficients()) == 3
 
 
 @pytest.mark.parametrize("kwargs, message", [(dict(width=0), "width"), (dict(hidden=2.5), "hidden"),
@@ -156,9 +156,10 @@ def test_depth_quick_mode_trains_every_arm_resumes_and_refuses_other_settings(tm
         assert r["diverged"] == 0 and r["steps"] == 23
         assert 0.3 < r["train_ce"] < math.log(10) and 0.3 < r["test_ce"] < math.log(10)  # learning, from chance
         assert 40 < r["test_top1"] < 100
-        # the arms differ by their scheme scalars only: one coefficient per block, the prox gates
+        # the arms differ by their scheme scalars only: a momentum between blocks, the prox's gate per block
         coef, gates = r["coef"].split(), r["prox"].split()
-        assert len(coef) == (0 if r["arm"] == "gd" else 4) and bool(gates) == (r["arm"] == "apg2_prox")
+        assert len(coef) == (0 if r["arm"] == "gd" else 3) and len(gates) == (4 if r["arm"] == "apg2_prox" else 0)
+        assert model.blocks.scheme == depth.ARMS[r["arm"]]["scheme"] and model.blocks.prox == ("norm" if gates else "")
         assert r["params"] - gd["params"] == len(coef) + len(gates)
     text = (tmp_path / "depth.md").read_text()
     assert "## Decision (the pre-registered rule)" in text and all(f"**{a}**" in text for a in list(depth.ARMS)[1:])
