@@ -1,9 +1,14 @@
-"""What every toy experiment shares: the command line, the training loop, the time budget, the CSV.
+"""What every toy experiment shares: the command line, the training loop, the time budget, the CSV, and the
+paired statistics over seeds.
 
 An experiment is a list of configurations (each with a `scheme` and a `seed`) and a function that
 trains one `OptDNNMLP` per configuration and returns its metrics. `run_grid` runs them all in a
 fixed order, stops with a clear error when the (CPU) time budget runs out, writes one CSV row per run
 and prints the mean +- std per configuration as a Markdown table (the tables in docs/results.md).
+
+Every scheme of one seed starts from the same weights on the same data, so schemes are compared paired by seed:
+`paired` turns a metric into per-seed differences against gd, and `compare` gives their mean with a paired
+bootstrap interval and the exact Wilcoxon signed-rank p; `holm` corrects a family of p values.
 """
 import argparse
 import csv
@@ -17,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import matplotlib
 matplotlib.use("Agg")  # experiments only write PNGs; never open a window
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -193,3 +199,80 @@ def _fmt(v: Any) -> str:
 
 def _cfg_str(cfg: Config) -> str:
     return " ".join(f"{k}={v}" for k, v in cfg.items())
+
+
+# --- paired statistics over seeds ------------------------------------------------------------------------------
+
+def sign_flip_p(x: Sequence[float]) -> float:
+    """Exact two-sided p of sum(x) when each term's sign is a fair coin: the share of all 2^n sign patterns whose
+    |sum| reaches the observed one. On signed ranks it is the exact Wilcoxon test; on per-seed slopes, a sign-flip
+    permutation test."""
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) > 20:
+        raise ValueError(f"sign_flip_p enumerates 2^n patterns: n = {len(x)} is too many (at most 20)")
+    signs = 1 - 2 * ((np.arange(2 ** len(x))[:, None] >> np.arange(len(x))) & 1)
+    observed = abs(x.sum())
+    # sums of the same terms in another order may round differently: compare with a relative tolerance
+    return float(np.mean(np.abs(signs @ x) >= observed * (1 - 1e-9)))
+
+
+def wilcoxon(d: Sequence[float]) -> Tuple[float, float]:
+    """Exact two-sided Wilcoxon signed-rank test of paired differences d: (signed-rank sum, p).
+
+    Zero differences are dropped (Wilcoxon's rule), tied |d| share their average rank, and p comes from the exact
+    null over the sign patterns of the observed ranks, so it stays exact with ties (scipy's exact mode assumes none).
+    """
+    d = np.asarray([v for v in d if v != 0], dtype=np.float64)
+    if not np.isfinite(d).all():
+        raise ValueError(f"wilcoxon: differences must be finite, got {d.tolist()}")
+    a = np.abs(d)
+    ranks = np.array([(np.sum(a < v) + 1 + np.sum(a <= v)) / 2 for v in a])  # average rank of each |d|
+    signed = np.sign(d) * ranks
+    return float(signed.sum()), sign_flip_p(signed)
+
+
+def bootstrap_ci(values: Sequence[float], resamples: int = 10_000, level: float = 0.95,
+                 seed: int = 0) -> Tuple[float, float]:
+    """Percentile bootstrap interval of the mean, resampling the values (one per seed: paired) with replacement."""
+    v = np.asarray(values, dtype=np.float64)
+    means = v[np.random.default_rng(seed).integers(len(v), size=(resamples, len(v)))].mean(axis=1)
+    lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+def holm(pvalues: Sequence[float]) -> List[float]:
+    """Holm's step-down adjusted p values (same order as given): reject where adjusted p < alpha."""
+    m = len(pvalues)
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda i: pvalues[i])):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def paired(rows: List[Dict[str, Any]], metric: str, transform: Callable[[float], float], by: Sequence[str] = (),
+           arm: str = "scheme", reference: str = "gd") -> Dict[Tuple, Dict[int, float]]:
+    """Per (arm, *by) other than the reference: {seed: transform(metric) - transform(reference's metric)}, over the
+    seeds both ran. Raises if a (seed, arm, *by) appears twice: pairs must be unique."""
+    values: Dict[Tuple, float] = {}
+    for r in rows:
+        key = (r[arm], *(r[k] for k in by), int(r["seed"]))
+        if key in values:
+            raise ValueError(f"two rows for {arm}={key[0]} {dict(zip(by, key[1:-1]))} seed {key[-1]}: "
+                             "a paired comparison needs one run per seed")
+        values[key] = transform(float(r[metric]))
+    diffs: Dict[Tuple, Dict[int, float]] = {}
+    for (name, *group, seed), v in values.items():
+        ref = values.get((reference, *group, seed))
+        if name != reference and ref is not None:
+            diffs.setdefault((name, *group), {})[seed] = v - ref
+    return diffs
+
+
+def compare(d: Dict[int, float]) -> Dict[str, float]:
+    """Paired summary of per-seed differences: n, mean, bootstrap 95 % interval, signed-rank sum, exact p."""
+    values = [d[s] for s in sorted(d)]
+    lo, hi = bootstrap_ci(values)
+    signed_rank_sum, p = wilcoxon(values)
+    return dict(n=len(values), mean=statistics.fmean(values), lo=lo, hi=hi, signed_rank_sum=signed_rank_sum,
+                below=sum(v < 0 for v in values), above=sum(v > 0 for v in values), p=p)
