@@ -143,7 +143,8 @@ def test_region_decode_equals_full_decode(tmp_path):
     DCT scale, for crops touching any edge; errors are return codes, not crashes."""
     from ffcv.libffcv import imdecode
     from tools.loader_benchmark import make_photos
-    from timm_optdnn.data.decoders import _decode_region
+    from timm_optdnn.data.decoders import c_functions
+    decode_region = c_functions().decode_region
     files = sorted(make_photos(tmp_path, 4, classes=1).rglob("*.jpg"))
     rng = np.random.default_rng(0)
     for f in files:
@@ -158,14 +159,14 @@ def test_region_decode_equals_full_decode(tmp_path):
                       for y, x in zip(rng.integers(0, sh, 6), rng.integers(0, sw, 6))]
             for y, x, h, w in crops:
                 out = np.zeros((sh, sw, 3), np.uint8)
-                shift = _decode_region(data.ctypes.data, data.size, d, y, x, h, w, out.ctypes.data, 3 * sw)
+                shift = decode_region(data.ctypes.data, data.size, d, y, x, h, w, out.ctypes.data, 3 * sw)
                 assert 0 <= shift <= x and np.array_equal(out[:h, shift:shift + w], full[y:y + h, x:x + w]), (d, y, x)
     out = np.zeros(64 * 64 * 3, np.uint8)
-    assert _decode_region(data.ctypes.data, data.size, 1, 0, 0, height + 1, 8, out.ctypes.data, 3 * width) == -2
+    assert decode_region(data.ctypes.data, data.size, 1, 0, 0, height + 1, 8, out.ctypes.data, 3 * width) == -2
     junk = np.frombuffer(b"\xff\xd8 not a jpeg" * 10, np.uint8)
-    assert _decode_region(junk.ctypes.data, junk.size, 1, 0, 0, 8, 8, out.ctypes.data, 24) == -1
+    assert decode_region(junk.ctypes.data, junk.size, 1, 0, 0, 8, 8, out.ctypes.data, 24) == -1
     cut = data[: data.size // 3].copy()  # truncated: libjpeg pads with grey and warns, as TurboJPEG does
-    assert _decode_region(cut.ctypes.data, cut.size, 1, 0, 0, 8, 8, out.ctypes.data, 3 * width) == 0
+    assert decode_region(cut.ctypes.data, cut.size, 1, 0, 0, 8, 8, out.ctypes.data, 3 * width) == 0
 
 
 @pytest.mark.timeout(120)

@@ -1,6 +1,11 @@
 """Every bad input of the writer and the loaders: converted, skipped with a listing, or a clear error."""
 import gzip
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -118,17 +123,124 @@ def test_fashion_mnist_missing_or_bad(tmp_path):
         read_fashion_mnist("test", root=tmp_path)
 
 
-@pytest.mark.timeout(60)
-def test_interrupted_write_leaves_nothing(messy, tmp_path, monkeypatch):
-    from ffcv.writer import DatasetWriter
+# ---------------------------------------------------------------- the writer interrupted, a real process each time
 
-    def interrupted(self, *a, **k):
-        Path(self.fname).write_bytes(b"half a beton")
-        raise KeyboardInterrupt
-    monkeypatch.setattr(DatasetWriter, "from_indexed_dataset", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        write_beton(str(messy), tmp_path / "x.beton", workers=1)
-    assert list(tmp_path.iterdir()) == []
+def _session(sid: int) -> dict[int, tuple[str, int]]:
+    """{pid: (state, process group)} of the processes in session `sid` (the writer, its job, FFCV's workers)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended while listed
+            continue
+        if int(fields[3]) == sid:
+            found[int(stat.parent.name)] = fields[0], int(fields[2])
+    return found
+
+
+def _shm_segments(pids) -> set[str]:
+    names = set()
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            continue
+        names |= {line.split()[-1] for line in maps.splitlines() if "/dev/shm/" in line}
+    return names
+
+
+@pytest.fixture(scope="module")
+def big_folder(tmp_path_factory) -> Path:
+    """400 hard links to 3 large JPEGs (1600x1200, q95): several seconds of writing with 2 workers."""
+    root = tmp_path_factory.mktemp("big") / "train"
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"c{c}").mkdir(parents=True)
+        small = rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((1600, 1200), Image.BICUBIC).save(root / f"c{c}/0.jpg", quality=95)
+        for i in range(1, 134):
+            os.link(root / f"c{c}/0.jpg", root / f"c{c}/{i}.jpg")
+    return root
+
+
+def _interrupted_write(src: Path, out: Path, interrupt, while_checking: bool = False) -> tuple[int, str, float]:
+    """Run the writer CLI over an existing OUT (--overwrite), call interrupt(proc, FFCV's worker pids) once they
+    are writing (None: let it run; while_checking: once the decode check's pool runs, with its pids), and check
+    that it ended cleanly: (exit code, stderr, seconds from the interrupt to the exit)."""
+    old = b"an older beton, to be kept"
+    out.write_bytes(old)
+    Path(f"{out}.meta.json").write_text("{}")
+    proc = subprocess.Popen([sys.executable, "-m", "timm_optdnn.data.write", str(src), str(out), "--workers", "2",
+                             "--overwrite"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    seen, shm, sent = {}, set(), None
+    while proc.poll() is None:
+        now = _session(proc.pid)
+        seen.update(now)
+        shm |= _shm_segments(seen)
+        job = [pid for pid, (state, group) in now.items() if group != proc.pid]  # the writer job and its workers
+        writing = len(job) >= 3 and shm and list(out.parent.glob(f".{out.name}.tmp*"))
+        pool = [pid for pid, (state, group) in now.items() if group == proc.pid and pid != proc.pid]
+        if sent is None and interrupt is not None and (len(pool) >= 2 if while_checking else writing):
+            interrupt(proc, pool if while_checking else [pid for pid in job if now[pid][1] != pid])
+            sent = time.time()
+        time.sleep(0.05)
+    waited = time.time() - (sent or time.time())
+    stderr = proc.stderr.read()
+    assert sent or interrupt is None, f"the write ended before it could be interrupted: {stderr}"
+    assert while_checking or shm, f"the write ended before its workers were seen: {stderr}"
+    left = {pid: state for pid, (state, _) in _session(proc.pid).items() if state != "Z"}  # zombies have ended
+    assert not left, f"orphaned processes {left}"
+    assert not [s for s in shm if Path(s).exists()], f"shared memory left: {shm}"
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, f"{out.name}.meta.json"])
+    assert out.read_bytes() == old and Path(f"{out}.meta.json").read_text() == "{}"
+    return proc.returncode, stderr, waited
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_ends_the_write_cleanly(big_folder, tmp_path):
+    """SIGINT to the writer's process group, as a terminal's Ctrl-C sends it."""
+    rc, err, waited = _interrupted_write(big_folder, tmp_path / "x.beton",
+                                         lambda proc, _: os.killpg(proc.pid, signal.SIGINT))
+    assert rc == 130 and "interrupted by SIGINT" in err and waited < 10, (rc, err, waited)
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_ends_the_write_cleanly(big_folder, tmp_path):
+    rc, err, waited = _interrupted_write(big_folder, tmp_path / "x.beton",
+                                         lambda proc, _: os.kill(proc.pid, signal.SIGTERM))
+    assert rc == 143 and "interrupted by SIGTERM" in err and waited < 10, (rc, err, waited)
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_during_the_decode_check(big_folder, tmp_path):
+    rc, err, waited = _interrupted_write(big_folder, tmp_path / "x.beton",
+                                         lambda proc, _: os.kill(proc.pid, signal.SIGTERM), while_checking=True)
+    assert rc == 143 and "interrupted by SIGTERM" in err and waited < 10, (rc, err, waited)
+
+
+@pytest.mark.timeout(300)
+def test_dead_writer_worker_ends_the_write(big_folder, tmp_path):
+    """A worker killed outright (as the OOM killer would): FFCV's writer alone would wait for it forever."""
+    def kill_a_worker(proc, workers):
+        os.kill(workers[-1], signal.SIGKILL)
+        kill_a_worker.pid = workers[-1]
+    rc, err, waited = _interrupted_write(big_folder, tmp_path / "x.beton", kill_a_worker)
+    assert rc == 1 and f"worker (pid {kill_a_worker.pid}) was killed by SIGKILL" in err and waited < 10, (rc, err)
+
+
+@pytest.mark.timeout(300)
+def test_full_disk_ends_the_write(big_folder, tmp_path):
+    """The beton written to a 3 MiB tmpfs: a worker's page write fails with ENOSPC."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs is not permitted here")
+    try:
+        rc, err, _ = _interrupted_write(big_folder, disk / "x.beton", None)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    assert rc == 1 and "No space left on device" in err and "nothing written" in err, (rc, err)
 
 
 @pytest.mark.timeout(120)
