@@ -1,5 +1,7 @@
 """Every bad input of the writer and the loaders: converted, skipped with a listing, or a clear error."""
+import ctypes
 import gzip
+import json
 import os
 import shutil
 import signal
@@ -19,6 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 
 from timm_optdnn.data import check_beton, write_beton  # noqa: E402
+from timm_optdnn.data.beton import META_FORMAT, file_sha256, meta_path  # noqa: E402
 from conftest import make_loaders  # noqa: E402
 from timm_optdnn.data.sources import load_rgb, read_fashion_mnist  # noqa: E402
 from timm_optdnn.data.write import main  # noqa: E402
@@ -277,3 +280,101 @@ def test_loader_rejects_bad_betons(messy, tmp_path):
         make_loaders(good, good, num_classes=3, batch_size=2, order="quasi_random")
     with pytest.raises(RuntimeError, match="torch.distributed initialised"):
         make_loaders(good, good, num_classes=3, batch_size=2, distributed=True)
+    with pytest.raises(ValueError, match="GaussianBlur.*backend 'torchvision'"):
+        make_loaders(good, good, num_classes=3, batch_size=2, rand_augment="rand-m9-t3a")
+
+
+def _ffcv_beton(path: Path, label_field, labels: list, num_classes: int) -> None:
+    """A beton written by FFCV's own writer (8x8 images) with a meta that vouches for it, as a user could make."""
+    from ffcv.fields import RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    class Samples:
+        def __len__(self):
+            return len(labels)
+
+        def __getitem__(self, i):
+            return np.full((8, 8, 3), 10 * i, np.uint8), labels[i]
+    DatasetWriter(str(path), {"image": RGBImageField(), "label": label_field}, num_workers=1).from_indexed_dataset(
+        Samples())
+    meta = {"format": META_FORMAT, "source": {}, "classes": [str(c) for c in range(num_classes)],
+            "num_classes": num_classes, "num_samples": len(labels), "class_counts": [], "skipped": [], "options": {},
+            "size_bytes": path.stat().st_size, "sha256": file_sha256(path), "seconds": 0}
+    meta_path(path).write_text(json.dumps(meta))
+
+
+@pytest.mark.timeout(120)
+def test_float_label_beton_is_an_error_not_a_hang(tmp_path):
+    """A FloatField label: refused when the loaders are built; and read anyway (the check bypassed), FFCV's
+    pipeline thread fails, which reaches the training process as an error naming the samples instead of a hang."""
+    from ffcv.fields import FloatField
+    from timm_optdnn.data import DataConfig
+    from timm_optdnn.data.ffcv_loaders import FFCVTrainLoader
+    beton = tmp_path / "float.beton"
+    _ffcv_beton(beton, FloatField(), [float(i % 2) for i in range(8)], 2)
+    with pytest.raises(ValueError, match="'label': 'FloatField'.*the loaders read"):
+        make_loaders(beton, beton, num_classes=2, batch_size=4)
+    train = FFCVTrainLoader(DataConfig(str(beton), str(beton), batch_size=4, num_workers=1, img_size=8),
+                            num_classes=2, distributed=False, seed=0, device="cpu")
+    with pytest.raises(RuntimeError, match=r"pipeline reading .*float.beton failed on samples \[\d+, \d+, \d+, \d+\]"):
+        list(train)
+
+
+def test_labels_outside_num_classes(tmp_path):
+    from ffcv.fields import IntField
+    for labels in ([100 + i for i in range(6)], [0, 1, -1, 2]):
+        beton = tmp_path / f"labels{labels[0]}.beton"
+        _ffcv_beton(beton, IntField(), labels, 10)
+        with pytest.raises(ValueError, match=r"label\(s\) outside \[0, 10\)"):
+            make_loaders(beton, beton, num_classes=10, batch_size=2)
+
+
+@pytest.mark.timeout(120)
+def test_oversized_images_warn(tmp_path):
+    """A 2100x900 photo: the writer warns without --max-side; a loader whose recipe uses 16 px warns that the
+    beton's images are far larger than it will ever use."""
+    (tmp_path / "src/a").mkdir(parents=True)
+    Image.new("RGB", (2100, 900), (50, 100, 150)).save(tmp_path / "src/a/big.jpg")
+    beton = tmp_path / "big.beton"
+    with pytest.warns(UserWarning, match="1 image.* side over 2048 px .largest 2100x900.*--max-side"):
+        write_beton(str(tmp_path / "src"), beton, workers=1)
+    with pytest.warns(UserWarning, match="1 of 1 images .* over 4x the 19 px this recipe uses .largest 2100 px."):
+        make_loaders(beton, beton, num_classes=1, batch_size=1, img_size=16)
+
+
+def test_unreadable_folder_is_reported(messy, tmp_path):
+    """A class folder the writer may not read: an error naming it, not a class that "holds no files". Root reads
+    everything, so the writer runs without the capabilities that let it (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH)."""
+    root = tmp_path / "train"
+    shutil.copytree(messy, root)
+    (root / "b").chmod(0)
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def without_root_reads():
+        for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+            if os.geteuid() == 0 and libc.prctl(24, cap, 0, 0, 0):  # PR_CAPBSET_DROP
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+    try:
+        r = subprocess.run([sys.executable, "-m", "timm_optdnn.data.write", str(root), str(tmp_path / "x.beton"),
+                            "--workers", "1"], capture_output=True, text=True, preexec_fn=without_root_reads)
+    finally:
+        (root / "b").chmod(0o755)
+    assert r.returncode == 1 and f"1 folder(s) under {root} cannot be read: {root / 'b'} (Permission denied)" \
+        in r.stderr, r.stderr
+    assert not (tmp_path / "x.beton").exists()
+
+
+@pytest.mark.timeout(180)
+def test_class_emptied_by_undecodable_files(messy, tmp_path):
+    """A class whose only file cannot be decoded: an error in both backends (the writer used to store the other
+    classes and count this one as 0)."""
+    root = tmp_path / "train"
+    for c in "ab":
+        (root / c).mkdir(parents=True)
+    shutil.copy(messy / "c/good.JPEG", root / "a")
+    shutil.copy(messy / "c/corrupt.JPEG", root / "b")
+    with pytest.raises(ValueError, match="1 class folder.*no decodable image once undecodable files are skipped: b"):
+        write_beton(str(root), tmp_path / "x.beton", workers=1)
+    with pytest.raises(ValueError, match="1 class folder.*no decodable image once undecodable files are skipped: b"):
+        make_loaders(root, root, num_classes=2, backend="torchvision", batch_size=2, num_workers=0)
+
