@@ -408,3 +408,23 @@ print(json.dumps(dict(found=found, after=after, setup=settings(), n=n)))
     assert out["n"] == 192 + 200 and out["after"] == out["found"], out
     assert out["found"]["opencv"] > 1 and out["found"]["big_blocks_mapped"]  # so that the check could fail
     assert out["setup"]["opencv"] == 1 and not out["setup"]["big_blocks_mapped"]
+
+
+@pytest.mark.timeout(240)
+def test_device_feed_path_on_the_cpu(fmnist, monkeypatch):
+    """The pipelines a CUDA device gets (stages writing into FFCV's buffers, FFCV's ToDevice last), run with the CPU
+    as the device: the same batches as the CPU pipelines (the GPU suite compares with a real device)."""
+    from ffcv.transforms import ToDevice
+    from timm_optdnn.data import ffcv_loaders
+    kw = dict(num_classes=10, batch_size=32, num_workers=2, img_size=24, seed=2, channels_last=True,
+              rand_augment="rand-m9-mstd0.5-inc1", re_prob=0.5, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
+    batches = {}
+    for via_buffers in (False, True):
+        if via_buffers:
+            monkeypatch.setattr(ffcv_loaders, "to_device", lambda device: [ToDevice(torch.device("cpu"))])
+        train, val = make_loaders(fmnist, fmnist, **kw)
+        train.set_epoch(1)
+        batches[via_buffers] = [(x.clone(), y.clone()) for loader in (train, val) for x, y in loader]
+    assert len(batches[True]) == len(batches[False]) == 6 + 7
+    for (x, y), (xb, yb) in zip(batches[False], batches[True]):
+        assert torch.equal(x, xb) and torch.equal(y, yb)

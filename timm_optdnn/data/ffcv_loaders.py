@@ -73,7 +73,9 @@ def read_epoch(loader: Loader, order, what: str):
         it.close()
 
 
-def _to_device(device: str) -> list:
+def to_device(device: str) -> list:
+    """The pipelines' last stage: FFCV's copy to a CUDA device (none for the CPU). With it, the stages before
+    write into FFCV's buffers, the copy's pinned source."""
     return [ToDevice(torch.device(device), non_blocking=True)] if device.startswith("cuda") else []
 
 
@@ -99,15 +101,16 @@ class FFCVTrainLoader(EpochLoader):
         else:  # stock FFCV, for comparison: crops and flips from numba's unseeded per-thread RNG
             self.decoder = RandomResizedCropRGBImageDecoder(size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio))
             flip = [RandomHorizontalFlip(cfg.hflip)] if cfg.hflip > 0 else []
-        pinned, to_device = device.startswith("cuda"), _to_device(device)
+        copy = to_device(device)
+        pinned = bool(copy)
         image = [self.decoder, *flip, *([RandAugment(cfg.rand_augment, mean, self.stream)] if cfg.rand_augment else []),
                  NormalizeToFloat(mean, std, cfg.channels_last, pinned, cfg.re_prob, cfg.mixup, cfg.cutmix,
-                                  self.stream), ToTensor(), *to_device]
+                                  self.stream), ToTensor(), *copy]
         if soft_targets(cfg):
             label = [IntDecoder(), SoftTargets(num_classes, cfg.label_smoothing, cfg.mixup, cfg.cutmix, self.stream,
-                                               lambda: self.decoder.output_size, pinned), ToTensor(), *to_device]
+                                               lambda: self.decoder.output_size, pinned), ToTensor(), *copy]
         else:
-            label = [IntDecoder(), ToTensor(), Squeeze(1), *to_device]
+            label = [IntDecoder(), ToTensor(), Squeeze(1), *copy]
         self.loader = Loader(str(cfg.train_path), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                              os_cache=cfg.os_cache, order=ORDERS[cfg.order], distributed=distributed, seed=seed,
                              drop_last=cfg.drop_last, pipelines={"image": image, "label": label})
@@ -144,14 +147,14 @@ class FFCVValLoader:
         size = cfg.val_img_size or cfg.img_size
         decoder = (FastCenterCropRGBImageDecoder if cfg.fast_decode else CenterCropRGBImageDecoder)(
             (size, size), ratio=cfg.crop_pct)
-        to_device = _to_device(device)
+        copy = to_device(device)
         self.loader = Loader(str(cfg.val_path), batch_size=cfg.val_batch_size or cfg.batch_size,
                              num_workers=cfg.num_workers, os_cache=cfg.os_cache, order=OrderOption.SEQUENTIAL,
                              indices=np.arange(rank, num_samples, world), drop_last=False,
                              pipelines={"image": [decoder, NormalizeToFloat(*mean_std(cfg), cfg.channels_last,
-                                                                            bool(to_device)), ToTensor(), *to_device],
-                                        "label": [IntDecoder(), ToTensor(), Squeeze(1), *to_device]})
-        self.cfg, self.on_device = cfg, bool(to_device)
+                                                                            bool(copy)), ToTensor(), *copy],
+                                        "label": [IntDecoder(), ToTensor(), Squeeze(1), *copy]})
+        self.cfg, self.on_device = cfg, bool(copy)
 
     def __len__(self) -> int:
         return len(self.loader)
