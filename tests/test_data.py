@@ -214,7 +214,8 @@ def test_train_loader_contract(fmnist):
     train.set_epoch(1)
     epoch1 = [(x, y) for x, y in train]
     x, y = epoch1[0]
-    assert x.shape == (16, 3, 24, 24) and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+    assert x.shape == (16, 3, 24, 24) and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last)
     assert y.dtype == torch.int64 and y.shape == (16,)
     assert -3 < x.mean() < 3 and x.std() > 0.3  # normalised
     labels1 = torch.cat([y for _, y in epoch1])
@@ -381,7 +382,8 @@ from timm.data import auto_augment
 
 libc, cv = ctypes.CDLL(None), ctypes.CDLL(ctypes.util.find_library("opencv_core"))
 class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    _fields_ = [(n, ctypes.c_size_t)
+                for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 libc.mallinfo2.restype = MallInfo2
 
 def settings():

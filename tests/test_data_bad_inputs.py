@@ -28,8 +28,8 @@ from timm_optdnn.data.write import main  # noqa: E402
 
 # (class, file, expected RGB after conversion) for the convertible images, in the beton's (sorted) order
 CONVERTIBLE = [("a", "cmyk.jpg", (200, 50, 30)), ("a", "gray.jpg", (100, 100, 100)), ("a", "rgba.png", (10, 200, 30)),
-               ("b", "exif.jpg", (40, 80, 160)), ("b", "palette.png", (30, 60, 90)), ("b", "sixteen.png", (128, 128, 128)),
-               ("c", "good.JPEG", (90, 120, 150))]
+               ("b", "exif.jpg", (40, 80, 160)), ("b", "palette.png", (30, 60, 90)),
+               ("b", "sixteen.png", (128, 128, 128)), ("c", "good.JPEG", (90, 120, 150))]
 UNDECODABLE = ["corrupt.JPEG", "notes.txt", "truncated.JPEG"]
 
 

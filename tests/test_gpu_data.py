@@ -58,7 +58,8 @@ def test_cuda_batches_equal_cpu_batches(beton, channels_last):
 @pytest.mark.timeout(300)
 def test_cuda_hard_labels_and_resume(beton):
     """Without Mixup / smoothing: int64 labels on the device; a resumed epoch (skip) is the tail of the full one."""
-    cfg = DataConfig(str(beton), str(beton), batch_size=16, num_workers=4, img_size=64, rand_augment=DEIT["rand_augment"])
+    cfg = DataConfig(str(beton), str(beton), batch_size=16, num_workers=4, img_size=64,
+                     rand_augment=DEIT["rand_augment"])
     train, _ = create_loaders(cfg, num_classes=4, seed=1, device="cuda")
     full = _epochs(train, (2,))
     train.set_epoch(2, skip=2)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torchvision.datasets import ImageFolder
 
 from .augment import Targets, timm_train_transform
 from .beton import check_beton, warn_if_oversized
@@ -99,31 +100,30 @@ def repeat_sampler(dataset, repeats: int, rank: int, world: int, order: str):
                             num_repeats=repeats)
 
 
-def _folder(root: str, workers: int, distributed: bool):
+class CheckedImageFolder(ImageFolder):
     """torchvision's ImageFolder over the samples the beton writer would store: `scan_image_folder`'s listing
     (symlinks followed, hidden files ignored), undecodable files skipped (every file decoded once, as the writer
-    does, the ranks sharing the work), an error if a class is left without images."""
-    from torchvision.datasets import ImageFolder
+    does, the ranks sharing the work) and listed in `skipped`, an error if a class is left without images."""
 
-    class Folder(ImageFolder):
-        def find_classes(self, directory):
-            self.scan = scan_image_folder(directory)
-            return self.scan[1], {c: i for i, c in enumerate(self.scan[1])}
+    def __init__(self, root: str, workers: int, distributed: bool):
+        self.workers, self.distributed = workers, distributed
+        super().__init__(root, loader=load_rgb)
 
-        def make_dataset(self, directory, class_to_idx, *args, **kwargs):
-            samples, classes = self.scan
-            rank, world = rank_world(distributed)
-            checks = check_images([p for p, _ in samples[rank::world]], workers)
-            if world > 1:
-                shares = [None] * world
-                dist.all_gather_object(shares, checks)
-                checks = [shares[i % world][i // world] for i in range(len(samples))]
-            good, bad = split_decodable(samples, checks)
-            check_classes(good, classes, directory)
-            self.skipped = bad
-            return good
+    def find_classes(self, directory):
+        self.scan = scan_image_folder(directory)
+        return self.scan[1], {c: i for i, c in enumerate(self.scan[1])}
 
-    return Folder(root, loader=load_rgb)
+    def make_dataset(self, directory, class_to_idx, *args, **kwargs):
+        samples, classes = self.scan
+        rank, world = rank_world(self.distributed)
+        checks = check_images([p for p, _ in samples[rank::world]], self.workers)
+        if world > 1:
+            shares = [None] * world
+            dist.all_gather_object(shares, checks)
+            checks = [shares[i % world][i // world] for i in range(len(samples))]
+        good, self.skipped = split_decodable(samples, checks)
+        check_classes(good, classes, directory)
+        return good
 
 
 class TorchvisionTrainLoader(EpochLoader):
@@ -131,7 +131,7 @@ class TorchvisionTrainLoader(EpochLoader):
     CutMix / smoothing on the device batch."""
 
     def __init__(self, cfg: DataConfig, *, num_classes: int, distributed: bool, seed: int, device: str):
-        self.dataset = _folder(cfg.train_path, max(1, cfg.num_workers), distributed)
+        self.dataset = CheckedImageFolder(cfg.train_path, max(1, cfg.num_workers), distributed)
         rank, world = rank_world(distributed)
         repeat = repeat_sampler(self.dataset, cfg.repeated_aug, rank, world, "random")
         self.seed_offset = 0 if repeat is None else seed  # see repeat_sampler
@@ -168,12 +168,13 @@ class TorchvisionValLoader:
         from torch.utils.data import DataLoader, Subset
         rank, world = rank_world(distributed)
         mean, std = mean_std(cfg)
-        dataset = _folder(cfg.val_path, max(1, cfg.num_workers), distributed)
+        dataset = CheckedImageFolder(cfg.val_path, max(1, cfg.num_workers), distributed)
         dataset.transform = create_transform(cfg.val_img_size or cfg.img_size, is_training=False,
                                              crop_pct=cfg.crop_pct, mean=mean, std=std)
         self.classes = dataset.classes
-        self.loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), cfg.val_batch_size or cfg.batch_size,
-                                 num_workers=cfg.num_workers, pin_memory=device.startswith("cuda"))
+        self.loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)),
+                                 cfg.val_batch_size or cfg.batch_size, num_workers=cfg.num_workers,
+                                 pin_memory=device.startswith("cuda"))
         self.device = device
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 

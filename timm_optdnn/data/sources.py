@@ -20,7 +20,8 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit ('I;16*'), 32-bit int ('I') and float ('F') single-channel images, scaled to 0..255 by their dtype range."""
+    """16-bit ('I;16*'), 32-bit int ('I') and float ('F') single-channel images, scaled to 0..255 by their dtype
+    range."""
     a = np.asarray(img)
     if img.mode == "F":
         hi = 1.0 if a.max(initial=0.0) <= 1.0 else 255.0  # float images come as 0..1 or 0..255
@@ -73,7 +74,8 @@ def _is_hidden(name: str) -> bool:
 def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:
     """(path, class index) for every file under root/<class>/, classes in sorted folder-name order: the one listing
     both backends use. Symlinked folders and files are followed (as torchvision's ImageFolder does; within a class, a
-    folder reached twice through links is listed once, so a link back up the tree ends), hidden files and folders (names starting with '.') are ignored.
+    folder reached twice through links is listed once, so a link back up the tree ends), hidden files and folders
+    (names starting with '.') are ignored.
 
     Files are not opened here: undecodable ones are found by `check_image`.
     """
@@ -146,7 +148,8 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
         raise ValueError(f"{path} is not an IDX file with magic {magic}")
     shape = tuple(int(s) for s in header[1:])
     if len(data) - 4 * (1 + ndim) != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated: header says {shape}, file has {len(data) - 4 * (1 + ndim)} bytes of data")
+        raise ValueError(f"{path} is truncated: header says {shape}, file has {len(data) - 4 * (1 + ndim)} bytes of "
+                         f"data")
     return np.frombuffer(data, np.uint8, offset=4 * (1 + ndim)).reshape(shape)
 
 

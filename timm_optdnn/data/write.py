@@ -254,14 +254,16 @@ def write_beton(src: str, out: str | os.PathLike, *, split: str = "train", max_s
                           f"{3 * w * h / 2**20:.0f} MiB raw): stored at full size they make the beton large and "
                           f"every read decodes pixels that training at 224-500 px never uses. Pass --max-side "
                           f"(400 for the ImageNet recipes)", stacklevel=2)
-        dataset, source, default_prob = _FolderImages(samples), {"kind": "imagefolder", "path": str(Path(src).resolve())}, 1.0
+        dataset, default_prob = _FolderImages(samples), 1.0
+        source = {"kind": "imagefolder", "path": str(Path(src).resolve())}
     prob = default_prob if compress_prob is None else compress_prob
     mode = {0.0: "raw", 1.0: "jpg"}.get(prob, "proportion")
     labels = dataset.labels if isinstance(dataset, _ArrayImages) else np.array([label for _, label in dataset.samples])
 
     with kept_threads():
         from ffcv.fields import IntField, RGBImageField
-    tmp, mtmp = out.with_name(f".{out.name}.tmp{os.getpid()}"), meta_path(out.with_name(f".{out.name}.tmp{os.getpid()}"))
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    mtmp = meta_path(tmp)
     fields = {"image": RGBImageField(write_mode=mode, max_resolution=max_side, jpeg_quality=jpeg_quality,
                                      compress_probability=prob),
               "label": IntField()}
