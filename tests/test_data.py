@@ -2,6 +2,8 @@
 import ctypes
 import ctypes.util
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -143,7 +145,8 @@ def test_region_decode_equals_full_decode(tmp_path):
     DCT scale, for crops touching any edge; errors are return codes, not crashes."""
     from ffcv.libffcv import imdecode
     from tools.loader_benchmark import make_photos
-    from timm_optdnn.data.decoders import _decode_region
+    from timm_optdnn.data.decoders import c_functions
+    decode_region = c_functions().decode_region
     files = sorted(make_photos(tmp_path, 4, classes=1).rglob("*.jpg"))
     rng = np.random.default_rng(0)
     for f in files:
@@ -158,22 +161,27 @@ def test_region_decode_equals_full_decode(tmp_path):
                       for y, x in zip(rng.integers(0, sh, 6), rng.integers(0, sw, 6))]
             for y, x, h, w in crops:
                 out = np.zeros((sh, sw, 3), np.uint8)
-                shift = _decode_region(data.ctypes.data, data.size, d, y, x, h, w, out.ctypes.data, 3 * sw)
+                shift = decode_region(data.ctypes.data, data.size, d, y, x, h, w, out.ctypes.data, 3 * sw)
                 assert 0 <= shift <= x and np.array_equal(out[:h, shift:shift + w], full[y:y + h, x:x + w]), (d, y, x)
     out = np.zeros(64 * 64 * 3, np.uint8)
-    assert _decode_region(data.ctypes.data, data.size, 1, 0, 0, height + 1, 8, out.ctypes.data, 3 * width) == -2
+    assert decode_region(data.ctypes.data, data.size, 1, 0, 0, height + 1, 8, out.ctypes.data, 3 * width) == -2
     junk = np.frombuffer(b"\xff\xd8 not a jpeg" * 10, np.uint8)
-    assert _decode_region(junk.ctypes.data, junk.size, 1, 0, 0, 8, 8, out.ctypes.data, 24) == -1
+    assert decode_region(junk.ctypes.data, junk.size, 1, 0, 0, 8, 8, out.ctypes.data, 24) == -1
     cut = data[: data.size // 3].copy()  # truncated: libjpeg pads with grey and warns, as TurboJPEG does
-    assert _decode_region(cut.ctypes.data, cut.size, 1, 0, 0, 8, 8, out.ctypes.data, 3 * width) == 0
+    assert decode_region(cut.ctypes.data, cut.size, 1, 0, 0, 8, 8, out.ctypes.data, 3 * width) == 0
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_loader_benchmark_runs_rows_apart_and_rejects_bad_counts(tmp_path, capsys):
-    """The benchmark measures each row in a fresh interpreter (here the decode bound on 3 real photos)."""
-    from tools.loader_benchmark import decode_bound, in_fresh_process, main as bench_main, make_photos
-    root = make_photos(tmp_path / "photos", 3, classes=1)
+    """The benchmark measures each row in a fresh interpreter (here the decode bound and a DeiT-augmented loader on
+    4 real photos: images/s and the consuming thread's CPU ms per batch)."""
+    from tools.loader_benchmark import _rate, decode_bound, in_fresh_process, main as bench_main, make_photos
+    root = make_photos(tmp_path / "photos", 4, classes=1)
     assert in_fresh_process(decode_bound, root, 2) > 0
+    write_beton(str(root), tmp_path / "p.beton", workers=1)
+    rate, main_ms = in_fresh_process(_rate, str(tmp_path / "p.beton"), dict(
+        num_classes=1, batch_size=2, num_workers=1, img_size=32, rand_augment="rand-m9-mstd0.5-inc1", mixup=0.8), 1)
+    assert rate > 0 and main_ms > 0
     for flag in ("--repeats", "--images", "--epochs"):
         with pytest.raises(SystemExit):
             bench_main([flag, "0", "--dir", str(tmp_path / "unused")])
@@ -206,7 +214,8 @@ def test_train_loader_contract(fmnist):
     train.set_epoch(1)
     epoch1 = [(x, y) for x, y in train]
     x, y = epoch1[0]
-    assert x.shape == (16, 3, 24, 24) and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+    assert x.shape == (16, 3, 24, 24) and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last)
     assert y.dtype == torch.int64 and y.shape == (16,)
     assert -3 < x.mean() < 3 and x.std() > 0.3  # normalised
     labels1 = torch.cat([y for _, y in epoch1])
@@ -306,3 +315,123 @@ def test_torchvision_backend_same_interface(folder):
     assert [x.shape[-1] for x, _ in train] == [32]
     images, labels = map(torch.cat, zip(*val))
     assert images.shape == (12, 3, 32, 32) and labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+
+
+@pytest.mark.timeout(180)
+def test_both_backends_list_the_same_samples(tmp_path):
+    """Symlinked folders and files followed, hidden files and folders ignored, a link back up the tree ended: the
+    writer and the torchvision backend see the same 8 + 5 images (the writer used to skip a symlinked folder that
+    torchvision's ImageFolder followed)."""
+    rng, root, extra = np.random.default_rng(1), tmp_path / "train", tmp_path / "extra"
+    for folder, n in ((root / "a", 4), (root / "b", 4), (extra, 4), (root / "a/.cache", 1), (root / ".trash", 1)):
+        folder.mkdir(parents=True)
+        for i in range(n):
+            photo(rng, 24, 32).save(folder / f"{i}.jpg")
+    photo(rng, 24, 32).save(root / "b/.hidden.jpg")
+    (root / "a/more").symlink_to(extra, target_is_directory=True)
+    (root / "a/loop").symlink_to(root / "a", target_is_directory=True)
+    (root / "b/linked.jpg").symlink_to(root / "a/0.jpg")
+    meta = write_beton(str(root), tmp_path / "x.beton", workers=1)
+    assert meta["classes"] == ["a", "b"] and meta["class_counts"] == [8, 5]
+    train, val = make_loaders(root, root, num_classes=2, backend="torchvision", batch_size=2, num_workers=0,
+                              img_size=16)
+    assert [label for _, label in train.dataset.samples] == [0] * 8 + [1] * 5
+    names = {str(Path(p).relative_to(root)) for p, _ in train.dataset.samples}
+    assert {"a/more/0.jpg", "b/linked.jpg"} <= names and not any("/." in f"/{n}" for n in names)
+
+
+@pytest.mark.timeout(240)
+def test_mixup_cutmix_and_their_targets_agree(fmnist):
+    """The same seed gives the same crops with and without mixing, so each mixed image can be checked against the
+    unmixed batch: Mixup blends sample i with sample B-1-i by one lam per batch, CutMix pastes one box from it, and
+    the soft targets carry the same lam (timm's batch mode, label smoothing 0.1)."""
+    kw = dict(num_classes=10, batch_size=16, num_workers=2, img_size=24, seed=5, order="sequential")
+    plain, _ = make_loaders(fmnist, fmnist, **kw)
+    plain.set_epoch(0)
+    x0, y0 = next(iter(plain))
+    j = torch.arange(15, -1, -1)  # the partner of each sample
+    smooth = lambda y: torch.full((16, 10), 0.01).scatter_(1, y[:, None], 0.91)  # noqa: E731
+    for mix in (dict(mixup=0.8), dict(cutmix=1.0)):
+        train, _ = make_loaders(fmnist, fmnist, label_smoothing=0.1, **mix, **kw)
+        train.set_epoch(0)
+        x, targets = next(iter(train))
+        if "mixup" in mix:
+            a, b = (x0 - x0[j]).flatten(1), (x - x0[j]).flatten(1)
+            lam = float((a * b).sum() / (a * a).sum())
+            assert torch.allclose(x, lam * x0 + (1 - lam) * x0[j], atol=1e-5)
+        else:
+            inside = (x != x0).flatten(0, 1).any(0)  # where any image took its partner's pixels: one box for all
+            rows, cols = inside.any(1).nonzero().flatten(), inside.any(0).nonzero().flatten()
+            box = torch.zeros_like(inside)
+            box[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
+            assert torch.equal(torch.where(box, x0[j], x0), x)
+            lam = 1 - float(box.sum()) / box.numel()
+        assert 0 < lam < 1
+        assert torch.allclose(targets, lam * smooth(y0) + (1 - lam) * smooth(y0[j]), atol=1e-6), mix
+
+
+@pytest.mark.timeout(240)
+def test_library_leaves_the_process_as_it_found_it(fmnist):
+    """A fresh process: importing the library, building FFCV loaders with the DeiT augmentations and reading an
+    epoch changes none of the process-wide settings: torch's and numba's threads (FFCV sets both), OpenCV's
+    threads, timm's RandAugment op table, glibc's allocator. setup_process() is the one call that changes some."""
+    script = f"""
+import ctypes, ctypes.util, json, threading
+import numba, torch
+from timm.data import auto_augment
+
+libc, cv = ctypes.CDLL(None), ctypes.CDLL(ctypes.util.find_library("opencv_core"))
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t)
+                for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = MallInfo2
+
+def settings():
+    new_thread = []
+    t = threading.Thread(target=lambda: new_thread.append(torch.get_num_threads()))
+    t.start(), t.join()
+    before = libc.mallinfo2().hblkhd
+    block = torch.empty(40 << 20, dtype=torch.uint8)
+    mapped = libc.mallinfo2().hblkhd > before  # glibc's default: a block this big gets its own mapping
+    del block
+    return dict(torch=torch.get_num_threads(), new_thread=new_thread[0], numba=numba.get_num_threads(),
+                opencv=cv.cvGetNumThreads(), ops={{k: v.__name__ for k, v in auto_augment.NAME_TO_OP.items()}},
+                big_blocks_mapped=mapped)
+
+found = settings()
+from timm_optdnn.data import DataConfig, create_loaders, setup_process
+train, val = create_loaders(DataConfig("{fmnist}", "{fmnist}", batch_size=32, num_workers=2, img_size=24,
+                                       rand_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, mixup=0.8, cutmix=1.0),
+                            num_classes=10)
+train.set_epoch(0)
+n = sum(len(x) for x, _ in train) + sum(len(x) for x, _ in val)
+after = settings()
+setup_process()
+print(json.dumps(dict(found=found, after=after, setup=settings(), n=n)))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=220)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["n"] == 192 + 200 and out["after"] == out["found"], out
+    assert out["found"]["opencv"] > 1 and out["found"]["big_blocks_mapped"]  # so that the check could fail
+    assert out["setup"]["opencv"] == 1 and not out["setup"]["big_blocks_mapped"]
+
+
+@pytest.mark.timeout(240)
+def test_device_feed_path_on_the_cpu(fmnist, monkeypatch):
+    """The pipelines a CUDA device gets (stages writing into FFCV's buffers, FFCV's ToDevice last), run with the CPU
+    as the device: the same batches as the CPU pipelines (the GPU suite compares with a real device)."""
+    from ffcv.transforms import ToDevice
+    from timm_optdnn.data import ffcv_loaders
+    kw = dict(num_classes=10, batch_size=32, num_workers=2, img_size=24, seed=2, channels_last=True,
+              rand_augment="rand-m9-mstd0.5-inc1", re_prob=0.5, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
+    batches = {}
+    for via_buffers in (False, True):
+        if via_buffers:
+            monkeypatch.setattr(ffcv_loaders, "to_device", lambda device: [ToDevice(torch.device("cpu"))])
+        train, val = make_loaders(fmnist, fmnist, **kw)
+        train.set_epoch(1)
+        batches[via_buffers] = [(x.clone(), y.clone()) for loader in (train, val) for x, y in loader]
+    assert len(batches[True]) == len(batches[False]) == 6 + 7
+    for (x, y), (xb, yb) in zip(batches[False], batches[True]):
+        assert torch.equal(x, xb) and torch.equal(y, yb)

@@ -20,7 +20,7 @@ class DataConfig:
     hflip: float = 0.5
     mean: Optional[List[float]] = None  # None: ImageNet's (the trainer passes the model's pretrained cfg)
     std: Optional[List[float]] = None
-    rand_augment: Optional[str] = None  # timm's RandAugment spec, e.g. rand-m9-mstd0.5-inc1
+    rand_augment: Optional[str] = None  # timm's RandAugment string, e.g. rand-m9-mstd0.5-inc1 (see docs/data.md)
     re_prob: float = 0.0  # RandomErasing probability
     mixup: float = 0.0
     cutmix: float = 0.0
@@ -30,4 +30,4 @@ class DataConfig:
     order: str = "random"  # random | quasi_random | sequential
     os_cache: bool = True
     drop_last: bool = True
-    fast_decode: bool = True  # our partial-JPEG decoders with per-sample seeded crops; False: stock FFCV's
+    fast_decode: bool = True  # our partial-JPEG crop decoders, seeded crops and flips; False: stock FFCV's (comparison)
