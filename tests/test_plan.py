@@ -73,15 +73,6 @@ def test_cli_plan_measure(fmnist_betons):
     assert "ASSUMED" not in out
 
 
-@pytest.mark.gpu
-@pytest.mark.timeout(300)
-def test_measure_on_cuda_with_bf16_and_channels_last():
-    r = recipe(tiny("precision=bf16", "channels_last=true"))
-    m = measure(r, steps=3)
-    assert "cuda" in m.device and set(m.img_s) == {20, 28}
-    assert m.peak_gib > m.state_gib > 0  # CUDA's allocator peak: states and activations on the device
-
-
 def test_cuda_training_settings_are_restored():
     from timm_optdnn.training.plan import cuda_training_settings
     before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark)
