@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from timm_optdnn.training.config import load_config
-from timm_optdnn.training.plan import Measured, measure, plan, recipe
+from timm_optdnn.training.plan import Measured, States, measure, plan, recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 # the demo recipe at tiny width, progressive resizing 20 -> 28 px, EMA on: two resolutions, every state counted
@@ -23,13 +23,17 @@ def tiny(*extra: str):
 
 def test_measured_plan_extrapolates_from_the_measurement(fmnist_betons):
     cfg = tiny(*fmnist_betons)
-    m = Measured("a device", 5, {20: 1000.0, 28: 500.0}, peak_gib=3.0, state_gib=1.0)
+    gib = 2 ** 30
+    m = Measured("a device", 5, {20: 1000.0, 28: 500.0}, peak_bytes=3 * gib, states=States(gib // 4, gib // 4,
+                                                                                              gib // 2, 0))
     p = plan(cfg, m)
     assert (p["world"], p["global_batch"], p["train_samples"], p["steps_per_epoch"]) == (8, 256, 1200, 4)
     # epoch 1 at 20 px, epoch 2 at 28 px; 8 devices, each at the measured rate
     assert p["wall_h"] * 3600 == pytest.approx(1024 / (8 * 1000) + 1024 / (8 * 500))
     assert p["gpu_h"] == pytest.approx(p["wall_h"] * 8)
     assert p["memory_gib"] == pytest.approx(2.0 + p["model_state_gib"])  # measured activations + ZeRO's states
+    # ZeRO-1 (the demo recipe's) over 8 ranks: weights and gradients whole, optimizer state + fp32 weights sharded
+    assert p["model_state_gib"] == pytest.approx(0.25 + 0.25 + (0.5 + 0.25) / 8)
     # achieved TFLOP/s in the devices' convention: 3 x forward multiply-adds x 2 FLOPs each
     from timm_optdnn.flops import count
     gflops28 = count("optdnn_apg2_convnext_iso_fm", img_size=28, num_classes=10, dim=32, depth=3)[0]
@@ -54,8 +58,8 @@ def test_measure_runs_the_recipe_steps_on_this_device():
     assert set(m.img_s) == {20, 28} and all(v > 0 for v in m.img_s.values())
     tensors = list(timm.create_model(r.model, num_classes=10, **r.model_kwargs).parameters())
     params = sum(p.numel() for p in tensors)
-    assert m.state_gib * 2 ** 30 == 5 * 4 * params + 4 * len(tensors)  # + AdamW's step counter per tensor
-    assert m.peak_gib > m.state_gib and m.activation_gib > 0
+    assert m.states == States(4 * params, 4 * params, 8 * params + 4 * len(tensors), 4 * params)  # + AdamW's steps
+    assert m.peak_bytes > sum(m.states) and m.activation_bytes > 0
     assert m.device.startswith("cpu" if not torch.cuda.is_available() else "NVIDIA")
 
 
@@ -79,3 +83,11 @@ def test_cuda_training_settings_are_restored():
     with cuda_training_settings():
         assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark) == ("high", True)
     assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark) == before
+
+
+def test_zero_shards_the_states_as_deepspeed_does():
+    s = States(params=400, grads=400, optimizer=800, ema=400)
+    assert s.per_gpu(0, 4, 10) == 2000  # plain data parallel: everything on every GPU
+    assert s.per_gpu(1, 4, 10) == 400 + 400 + (800 + 400) / 4 + 400  # optimizer state + fp32 weight copy sharded
+    assert s.per_gpu(2, 4, 10) == 400 + (800 + 400 + 400) / 4 + 400  # and the gradients
+    assert s.per_gpu(3, 4, 10) == 40 + (400 + 800 + 400 + 400) / 4 + 400  # and the weights, one layer gathered

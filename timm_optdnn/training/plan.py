@@ -1,8 +1,8 @@
 """`python -m timm_optdnn.training --config R.yaml --plan [--measure]`: what a recipe costs on a cluster.
 
---plan starts no work. It counts world, batch and steps, asks DeepSpeed's own estimator for the model states per
-GPU, counts the training compute with fvcore, and derives a wall time from an ASSUMED device rate
-(plan_peak_tflops x plan_utilization), labelled as such. Activation memory is unknown without a measurement.
+--plan starts no work. It counts world, batch and steps, the model states per GPU under the recipe's ZeRO stage,
+the training compute (fvcore), and derives a wall time from an ASSUMED device rate (plan_peak_tflops x
+plan_utilization), labelled as such. Activation memory is unknown without a measurement.
 
 --plan --measure first trains the recipe's model for a few steps on this machine's device (its GPU, if it has one):
 forward, backward and optimizer step (plus the EMA update) at the recipe's per-device batch, grad_accum,
@@ -17,7 +17,7 @@ import json
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional
 
 import torch
 
@@ -63,17 +63,41 @@ def recipe(cfg) -> Recipe:
                   c.plan_nodes, c.plan_gpus_per_node, c.plan_peak_tflops, c.plan_utilization)
 
 
+class States(NamedTuple):
+    """Bytes of the model states on one device, unsharded. The trainer keeps fp32 weights (bf16 / fp16 are autocast)
+    and fp32 gradients; the optimizer's state is measured, or assumed to be two fp32 moments (Adam, AdamW, LAMB)."""
+    params: int
+    grads: int
+    optimizer: int
+    ema: int
+
+    @classmethod
+    def assumed(cls, params: int, ema: bool) -> "States":
+        return cls(4 * params, 4 * params, 8 * params, 4 * params if ema else 0)
+
+    def per_gpu(self, zero_stage: int, world: int, largest_layer: int) -> int:
+        """Bytes on each of `world` GPUs under DeepSpeed's ZeRO: stages 1-2 add an fp32 copy of each rank's share of
+        the weights and shard it with the optimizer state; stage 2 also shards the gradients; stage 3 also the
+        weights, each layer gathered whole in turn (`largest_layer` parameters). Communication buckets not included."""
+        if zero_stage == 0:
+            return sum(self)
+        sharded = self.params + self.optimizer + (self.grads if zero_stage >= 2 else 0) + \
+            (self.params if zero_stage == 3 else 0)
+        whole = (self.params if zero_stage < 3 else 4 * largest_layer) + (self.grads if zero_stage < 2 else 0)
+        return int(whole + sharded / world + self.ema)
+
+
 class Measured(NamedTuple):
     device: str  # what ran the steps, e.g. "NVIDIA H100 80GB HBM3 (cuda:0)" or "cpu, 2 torch threads"
     steps: int  # optimizer steps timed at each resolution (after warm-up steps, which include compilation)
     img_s: Dict[int, float]  # images per second on this one device, by resolution
-    peak_gib: float  # peak over all resolutions: CUDA max allocated, or (CPU) peak RSS growth + the tensors held before
-    state_gib: float  # of which parameters, gradients, optimizer state and EMA copy (counted from the tensors)
+    peak_bytes: int  # peak over all resolutions: CUDA max allocated, or (CPU) peak RSS growth + the tensors held before
+    states: States  # the model states within that peak, counted from the tensors
 
     @property
-    def activation_gib(self) -> float:
+    def activation_bytes(self) -> int:
         """Activations and workspace: the measured peak less the model states."""
-        return max(self.peak_gib - self.state_gib, 0.0)
+        return max(self.peak_bytes - sum(self.states), 0)
 
 
 def measure(r: Recipe, steps: int = 5, warmup: int = 2) -> Measured:
@@ -137,12 +161,13 @@ def measure(r: Recipe, steps: int = 5, warmup: int = 2) -> Measured:
             img_s[res] = timed_steps(res)
         if use_cuda:
             peak = max(peak, torch.cuda.max_memory_allocated(device))
-    held = [*model.parameters(), *(ema.module.state_dict().values() if ema is not None else [])]
-    grads = [p for p in model.parameters() if p.requires_grad]  # live at the peak, freed after each step
-    opt_state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    states = States(params=_bytes(model.parameters()),
+                    grads=_bytes(p for p in model.parameters() if p.requires_grad),  # live at the peak, then freed
+                    optimizer=_bytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)),
+                    ema=_bytes(ema.module.state_dict().values()) if ema is not None else 0)
     if not use_cuda:  # what the steps added to the resident memory at its peak, plus the tensors held before
-        peak = _proc_status("VmHWM") - rss0 + _bytes(held)
-    return Measured(name, steps, img_s, peak / 2 ** 30, _bytes(held + grads + opt_state) / 2 ** 30)
+        peak = _proc_status("VmHWM") - rss0 + states.params + states.ema
+    return Measured(name, steps, img_s, peak, states)
 
 
 @contextmanager
@@ -158,7 +183,7 @@ def cuda_training_settings() -> Iterator[None]:
         torch.set_float32_matmul_precision(matmul)
 
 
-def _bytes(tensors: List[torch.Tensor]) -> int:
+def _bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -184,21 +209,6 @@ def train_samples(r: Recipe) -> int:
     return json.loads(meta.read_text())["num_samples"] if r.train_path and meta.is_file() else IMAGENET_TRAIN
 
 
-def model_state_bytes(r: Recipe, params: int, largest_layer: int) -> int:
-    """Per-GPU bytes of params + grads + optimizer states (+ an fp32 EMA copy): DeepSpeed's estimator for stages 1-3
-    (its stage-2 estimator is its closest for stage 1, which shards less: a lower bound there); stage 0 is plain
-    data parallel, 2 + 2 + 12 bytes per parameter (the same accounting DeepSpeed uses)."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-    ema = 4 * params if r.ema else 0
-    if r.zero_stage == 0:
-        return 16 * params + ema
-    if r.zero_stage in (1, 2):
-        return estimate_zero2_model_states_mem_needs(params, r.gpus_per_node, r.nodes, cpu_offload=False)[1] + ema
-    return estimate_zero3_model_states_mem_needs(params, largest_layer, r.gpus_per_node, r.nodes,
-                                                 cpu_offload=False, cpu_offload_params=False)[1] + ema
-
-
 def plan(cfg, measured: Optional[Measured] = None) -> Dict[str, Any]:
     """The plan's numbers; wall time from `measured` if given, else from the assumed device rate."""
     import timm
@@ -216,13 +226,14 @@ def plan(cfg, measured: Optional[Measured] = None) -> Dict[str, Any]:
     res = resolutions(r)
     gflops = {s: count(r.model, img_size=s, num_classes=r.num_classes, **r.model_kwargs)[0] for s in set(res)}
     train_flops = sum(3 * gflops[s] * 1e9 * images_per_epoch for s in res)
-    states = model_state_bytes(r, params, largest)
+    states = measured.states if measured else States.assumed(params, r.ema)
+    per_gpu = states.per_gpu(r.zero_stage, world, largest)
     p = dict(model=r.model, params_m=params / 1e6, gflops=gflops[res[-1]], img_size=res[-1], nodes=r.nodes,
              gpus_per_node=r.gpus_per_node, world=world, batch_per_gpu=r.batch_size, grad_accum=r.grad_accum,
              global_batch=global_batch, lr=r.lr * global_batch / r.lr_base_size if r.lr_base_size else r.lr,
              train_samples=n, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * r.epochs,
              epochs=r.epochs, resolutions=sorted(set(res)), zero_stage=r.zero_stage, precision=r.precision,
-             model_state_gib=states / 2 ** 30, train_pflop=train_flops / 1e15, peak_tflops=r.peak_tflops,
+             model_state_gib=per_gpu / 2 ** 30, train_pflop=train_flops / 1e15, peak_tflops=r.peak_tflops,
              utilization=r.utilization, measured=measured is not None)
     if measured is None:
         seconds = train_flops * FLOPS_PER_MAC / (world * r.peak_tflops * 1e12 * r.utilization)
@@ -230,9 +241,10 @@ def plan(cfg, measured: Optional[Measured] = None) -> Dict[str, Any]:
     else:
         seconds = sum(images_per_epoch / (world * measured.img_s[s]) for s in res)
         achieved = {s: measured.img_s[s] * 3 * gflops[s] * FLOPS_PER_MAC / 1e3 for s in measured.img_s}
-        p.update(memory_gib=measured.activation_gib + states / 2 ** 30, device=measured.device,
+        p.update(memory_gib=(measured.activation_bytes + per_gpu) / 2 ** 30, device=measured.device,
                  measured_steps=measured.steps, img_s=measured.img_s, achieved_tflops=achieved,
-                 peak_gib=measured.peak_gib, state_gib=measured.state_gib, activation_gib=measured.activation_gib)
+                 peak_gib=measured.peak_bytes / 2 ** 30, state_gib=sum(states) / 2 ** 30,
+                 activation_gib=measured.activation_bytes / 2 ** 30)
     return dict(p, wall_h=seconds / 3600, gpu_h=seconds / 3600 * world)
 
 
@@ -251,8 +263,9 @@ def print_plan(cfg, measure_steps: int = 0) -> Dict[str, Any]:
                   f"{p['total_steps']}"),
         ("resolution", ", ".join(map(str, p["resolutions"]))),
         ("training compute", f"{p['train_pflop']:.4g} PFLOP (3 x forward x images; 1 multiply-add = 1 FLOP)"),
-        ("model states / GPU", f"{_gib(p['model_state_gib'])} (ZeRO-{p['zero_stage']}, {p['precision']}; "
-                               f"DeepSpeed's estimator{', + fp32 EMA copy' if r.ema else ''})"),
+        ("model states / GPU", f"{_gib(p['model_state_gib'])} (ZeRO-{p['zero_stage']} over {p['world']} ranks: fp32 "
+                               f"weights and gradients, {'measured' if m else 'assumed Adam-like'} optimizer state"
+                               f"{', fp32 EMA copy' if r.ema else ''}{_autocast(r.precision)})"),
     ]
     if m is None:
         rows += [
@@ -266,7 +279,7 @@ def print_plan(cfg, measure_steps: int = 0) -> Dict[str, Any]:
                           for s in sorted(p["img_s"]))
         rows += [
             ("measured on", f"{p['device']}: {p['measured_steps']} steps of {r.batch_size} x {r.grad_accum} synthetic "
-                            f"images per resolution, {r.precision}{' autocast' if r.precision != 'fp32' else ''}, "
+                            f"images per resolution, {r.precision}{'' if r.precision == 'fp32' else ' autocast'}, "
                             f"channels_last {_on(r.channels_last)}, grad_checkpointing {_on(r.grad_checkpointing)}, "
                             f"compile {_on(r.compile)}, {r.opt}{', EMA' if r.ema else ''}"),
             ("measured speed", f"{speed} per device (device peaks count a multiply-add as 2 FLOPs)"),
@@ -274,13 +287,17 @@ def print_plan(cfg, measure_steps: int = 0) -> Dict[str, Any]:
                                 f"{_gib(p['activation_gib'])} activations and workspace"
                                 f"{'' if 'cuda' in p['device'] else ' (CPU: growth of the peak RSS, approximate)'}"),
             ("memory / GPU", f"{_gib(p['memory_gib'])} = {_gib(p['activation_gib'])} activations (measured) + "
-                             f"{_gib(p['model_state_gib'])} model states (estimated for {p['world']} ranks)"),
+                             f"{_gib(p['model_state_gib'])} model states (above)"),
         ]
     basis = "measured img/s x ranks; data loading and communication not included" if m else "ASSUMED device rate"
     rows += [("wall time", f"{_duration(p['wall_h'] * 3600)} ({basis})"), ("GPU-hours", f"{p['gpu_h']:.4g}")]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     return p
+
+
+def _autocast(precision: str) -> str:
+    return "" if precision == "fp32" else f"; {precision} by autocast"
 
 
 def _on(flag: bool) -> str:
