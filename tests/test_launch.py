@@ -6,10 +6,12 @@ SLURM batch script sees them without srun). The scripts in train/ run under real
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -137,7 +139,7 @@ def executable(path: Path, text: str) -> Path:
 
 @pytest.fixture
 def fake_python(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "NNODES", "NODE_RANK"))}
+    env = {k: v for k, v in clean_env().items() if k not in ("NNODES", "NODE_RANK")}
     return dict(env, PYTHON=str(executable(tmp_path / "python", RECORD_ARGS)), ARGS_FILE=str(tmp_path / "argv"))
 
 
@@ -204,18 +206,33 @@ while true; do sleep 0.05; done
 '''
 
 
-def slurm_job(tmp_path: Path, python: str, ntasks: int = 2, job_id: int = 4242) -> dict:
-    """The environment of a batch script of a one-node, `ntasks`-task job with fake srun / scontrol first on PATH."""
+def clean_env(**extra: str) -> dict:
+    """This process's environment without what a launcher or SLURM would have set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK", "LOCAL_RANK"))}
+    return dict(env, **extra)
+
+
+def slurm_job(tmp_path: Path, python: str, job_id: int = 4242, base: Optional[dict] = None) -> dict:
+    """The environment of the batch script of a one-node, 2-task job, fake srun / scontrol first on PATH."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     executable(bin_dir / "srun", FAKE_SRUN.format(python=sys.executable))
     executable(bin_dir / "scontrol", FAKE_SCONTROL)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK", "LOCAL_RANK"))}
+    env = base or clean_env()
     return dict(env, PATH=f"{bin_dir}:{env['PATH']}", PYTHON=python, FAKE_SLURM_LOG=str(tmp_path / "slurm.log"),
                 SLURM_JOB_ID=str(job_id), SLURM_JOBID=str(job_id), SLURM_JOB_NODELIST="node1",
-                SLURM_NODELIST="node1", SLURM_JOB_NUM_NODES="1", SLURM_NNODES="1", SLURM_NTASKS=str(ntasks),
-                SLURM_NTASKS_PER_NODE=str(ntasks), SLURM_TASKS_PER_NODE=str(ntasks), SLURM_CPUS_PER_TASK="1",
+                SLURM_NODELIST="node1", SLURM_JOB_NUM_NODES="1", SLURM_NNODES="1", SLURM_NTASKS="2",
+                SLURM_NTASKS_PER_NODE="2", SLURM_TASKS_PER_NODE="2", SLURM_CPUS_PER_TASK="1",
                 SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_SUBMIT_DIR=str(ROOT))
+
+
+def bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def sbatch(env: dict, *args: str) -> subprocess.Popen:
@@ -260,8 +277,7 @@ def test_slurm_script_requeues_only_after_a_time_limit_save(tmp_path, task, sign
 
 
 def test_slurm_script_outside_a_job_is_refused(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    r = script("slurm.sbatch", "configs/demo.yaml", env=env)
+    r = script("slurm.sbatch", "configs/demo.yaml", env=clean_env())
     assert r.returncode != 0 and "not in a SLURM job: submit this script with sbatch" in r.stderr
 
 
@@ -276,9 +292,8 @@ TINY = ["model_kwargs={dim: 32, depth: 3}", "img_size=28", "crop_pct=1.0", "batc
 def run_env(**extra: str) -> dict:
     # the interpreter's bin first on PATH, as in an activated venv: DeepSpeed's JIT-built comm op is rebuilt when a
     # run finds other build tools than the ones that built it
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK", "LOCAL_RANK"))}
-    return dict(env, PATH=f"{Path(sys.executable).parent}:{env['PATH']}", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-                PYTHON=sys.executable, **extra)
+    return clean_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(ROOT),
+                     OMP_NUM_THREADS="1", PYTHON=sys.executable, **extra)
 
 
 def ranks_of(launcher: subprocess.Popen) -> list:
@@ -335,9 +350,8 @@ def test_sigterm_to_deepspeed_launch_script_saves_on_every_rank(fmnist_betons, t
 def test_slurm_script_saves_requeues_and_resumes(fmnist_betons, tmp_path):
     """The batch script with 2 tasks under fake srun / scontrol: the time-limit signal saves and requeues, the
     requeued job resumes from that checkpoint and finishes."""
-    port = next(p for p in range(24000, 30000) if _bindable(p))
-    env = dict(slurm_job(tmp_path, sys.executable, job_id=5_000_000 + port - 20000), **run_env())
-    env.update(PATH=f"{tmp_path / 'bin'}:{env['PATH']}")
+    port = next(p for p in range(24000, 30000) if bindable(p))  # the script derives it from the job id
+    env = slurm_job(tmp_path, sys.executable, job_id=5_000_000 + port - 20000, base=run_env())
     args = ("configs/demo.yaml", *TINY, *fmnist_betons, f"out_dir={tmp_path / 'run'}")
     job = sbatch(env, *args)
     wait_for_checkpoint(tmp_path / "run", job)
@@ -357,13 +371,3 @@ def test_slurm_script_saves_requeues_and_resumes(fmnist_betons, tmp_path):
     steps = [int(line.split(",")[0]) for line in (tmp_path / "run" / "steps.csv").read_text().split()[1:]]
     assert steps == list(range(1, 37))  # every step once, across the two jobs
     assert (tmp_path / "slurm.log").read_text().count("scontrol requeue") == 1
-
-
-def _bindable(port: int) -> bool:
-    import socket
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
