@@ -15,6 +15,8 @@ def main(argv=None) -> int:
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key=value recipe overrides, values parsed as YAML")
     args = p.parse_args(argv)
+    if args.measure and not args.plan:
+        p.error("--measure goes with --plan")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
