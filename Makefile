@@ -2,11 +2,14 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 APT_PKGS := g++ pkg-config ninja-build libopencv-dev libturbojpeg0-dev libjpeg62-turbo-dev dataset-fashion-mnist
+# make gpu-test runs in the environment's own interpreter and PATH, as found before .venv/bin joins PATH below
+PYTHON ?= python3
+ENV_PATH := $(PATH)
 # the venv's tools first, as in an activated shell: DeepSpeed's JIT-built comm op records which ninja built it and
 # rebuilds (~1 min) whenever a run sees the other one (pip's in the venv, Debian's on the system)
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: setup demo demo-compare test timm-suite flops benchmark clean
+.PHONY: setup demo demo-compare test gpu-test timm-suite flops benchmark clean
 
 setup: $(STAMP)
 
@@ -28,6 +31,13 @@ demo-compare: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x --durations=15
+
+# The CUDA tests (tests/test_gpu_*.py, marked gpu) in an existing GPU environment: no apt, no venv, nothing
+# installed (docs/cluster.md says how to install the project there). A test whose package is missing there skips
+# and names it. PYTHON=/path/to/python picks another interpreter.
+gpu-test: export PATH := $(ENV_PATH)
+gpu-test:
+	$(PYTHON) -m pytest -m gpu -v -rs --durations=10 tests/test_gpu_*.py
 
 # timm's own tests/test_models.py (from timm's sdist on PyPI) on the small optdnn models; ~8 min, not part of `test`
 timm-suite: $(STAMP)

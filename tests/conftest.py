@@ -22,3 +22,13 @@ def make_loaders(train_path, val_path, *, num_classes, distributed=False, seed=0
     from timm_optdnn.data import DataConfig, create_loaders
     return create_loaders(DataConfig(str(train_path), str(val_path), **data), num_classes=num_classes,
                           distributed=distributed, seed=seed, device=device)
+
+
+@pytest.fixture(scope="session")
+def fmnist_betons(tmp_path_factory):
+    """Recipe overrides naming small real Fashion-MNIST betons: 1200 training images (18 steps of 2 x 32), 500 test."""
+    from timm_optdnn.data import write_beton
+    d = tmp_path_factory.mktemp("fmnist")
+    write_beton("fashion-mnist", d / "train.beton", split="train", subset=0.02)
+    write_beton("fashion-mnist", d / "test.beton", split="test", subset=0.05)
+    return [f"train_path={d / 'train.beton'}", f"val_path={d / 'test.beton'}"]

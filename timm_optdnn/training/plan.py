@@ -1,83 +1,313 @@
-"""`python -m timm_optdnn.training --config ... --plan`: what a recipe costs on a cluster, without starting any work.
+"""`python -m timm_optdnn.training --config R.yaml --plan [--measure]`: what a recipe costs on a cluster.
 
-Memory: DeepSpeed's own ZeRO model-state estimators (no offload) for the configured stage; activations are not
-included (they depend on batch, resolution and checkpointing). Time: training FLOPs per image = 3 x forward
-(backward ~ 2 x forward) x 2 FLOPs per multiply-add, forward multiply-adds counted by fvcore
-(timm_optdnn.flops) at each epoch's resolution, divided by world x plan_peak_tflops x plan_utilization.
+--plan starts no work. It counts world, batch and steps, the model states per GPU under the recipe's ZeRO stage,
+the training compute (fvcore), and derives a wall time from an ASSUMED device rate (plan_peak_tflops x
+plan_utilization), labelled as such. Activation memory is unknown without a measurement.
+
+--plan --measure first trains the recipe's model for a few steps on this machine's device (its GPU, if it has one):
+forward, backward and optimizer step (plus the EMA update) at the recipe's per-device batch, grad_accum,
+precision (autocast), channels_last, grad_checkpointing and compile, on synthetic images at each resolution the
+recipe trains at. Measured img/s and peak memory (activations included) then replace the assumptions, and the
+cluster plan is extrapolated from them: data loading and inter-GPU communication are not part of the measurement.
+
+FLOPs are fvcore's, as timm_optdnn.flops reports them: one multiply-add is one FLOP (the papers' convention);
+training costs 3 x forward. A device's peak TFLOP/s counts a multiply-add as 2 FLOPs, hence the 2 where they meet.
 """
 import json
+import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional
 
-from .config import TrainConfig
+import torch
 
 IMAGENET_TRAIN = 1281167
+FLOPS_PER_MAC = 2  # device peaks count a multiply-add as two FLOPs; fvcore (and the papers) as one
 
 
-def train_samples(cfg: TrainConfig) -> int:
-    meta = Path(f"{cfg.train_path}.meta.json")
-    return json.loads(meta.read_text())["num_samples"] if cfg.train_path and meta.is_file() else IMAGENET_TRAIN
+class Recipe(NamedTuple):
+    """The recipe keys the plan reads, read in one place (`recipe`)."""
+    model: str
+    model_kwargs: Dict[str, Any]
+    num_classes: int
+    drop_path: float
+    train_path: str
+    img_size: int
+    res_schedule: Optional[List[int]]
+    epochs: int
+    batch_size: int
+    grad_accum: int
+    lr: float
+    lr_base_size: int
+    opt: str
+    weight_decay: float
+    ema: bool
+    precision: str
+    zero_stage: int
+    device: str
+    channels_last: bool
+    grad_checkpointing: bool
+    compile: bool
+    nodes: int
+    gpus_per_node: int
+    peak_tflops: float
+    utilization: float
 
 
-def model_state_bytes(cfg: TrainConfig, params: int, largest_layer: int, world: int) -> int:
-    """Per-GPU bytes of params + grads + Adam states: DeepSpeed's estimator for stages 1-3 (the stage-2 estimator
-    is DeepSpeed's closest for stage 1, which shards less: it is a lower bound there); stage 0 is plain data
-    parallel mixed precision, 2 + 2 + 12 bytes per parameter (the same accounting DeepSpeed uses)."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-    if cfg.zero_stage == 0:
-        return 16 * params
-    if cfg.zero_stage in (1, 2):
-        return estimate_zero2_model_states_mem_needs(params, cfg.plan_gpus_per_node, cfg.plan_nodes, cpu_offload=False)[1]
-    return estimate_zero3_model_states_mem_needs(params, largest_layer, cfg.plan_gpus_per_node, cfg.plan_nodes,
-                                                 cpu_offload=False, cpu_offload_params=False)[1]
+def recipe(cfg) -> Recipe:
+    c = cfg
+    return Recipe(c.model, c.model_kwargs, c.num_classes, c.drop_path, c.train_path, c.img_size, c.res_schedule,
+                  c.epochs, c.batch_size, c.grad_accum, c.lr, c.lr_base_size, c.opt, c.weight_decay, c.ema,
+                  c.precision, c.zero_stage, c.device, c.channels_last,
+                  getattr(c, "grad_checkpointing", False), getattr(c, "compile", False),  # keys the trainer adds
+                  c.plan_nodes, c.plan_gpus_per_node, c.plan_peak_tflops, c.plan_utilization)
 
 
-def plan(cfg: TrainConfig) -> Dict[str, Any]:
+class States(NamedTuple):
+    """Bytes of the model states on one device, unsharded. The trainer keeps fp32 weights (bf16 / fp16 are autocast)
+    and fp32 gradients; the optimizer's state is measured, or assumed to be two fp32 moments (Adam, AdamW, LAMB)."""
+    params: int
+    grads: int
+    optimizer: int
+    ema: int
+
+    @classmethod
+    def assumed(cls, params: int, ema: bool) -> "States":
+        return cls(4 * params, 4 * params, 8 * params, 4 * params if ema else 0)
+
+    def per_gpu(self, zero_stage: int, world: int, largest_layer: int) -> int:
+        """Bytes on each of `world` GPUs under DeepSpeed's ZeRO: stages 1-2 add an fp32 copy of each rank's share of
+        the weights and shard it with the optimizer state; stage 2 also shards the gradients; stage 3 also the
+        weights, each layer gathered whole in turn (`largest_layer` parameters). Communication buckets not included."""
+        if zero_stage == 0:
+            return sum(self)
+        sharded = self.params + self.optimizer + (self.grads if zero_stage >= 2 else 0) + \
+            (self.params if zero_stage == 3 else 0)
+        whole = (self.params if zero_stage < 3 else 4 * largest_layer) + (self.grads if zero_stage < 2 else 0)
+        return int(whole + sharded / world + self.ema)
+
+
+class Measured(NamedTuple):
+    device: str  # what ran the steps, e.g. "NVIDIA H100 80GB HBM3 (cuda:0)" or "cpu, 2 torch threads"
+    steps: int  # optimizer steps timed at each resolution (after warm-up steps, which include compilation)
+    img_s: Dict[int, float]  # images per second on this one device, by resolution
+    peak_bytes: int  # peak over all resolutions: CUDA max allocated, or (CPU) peak RSS growth + the tensors held before
+    states: States  # the model states within that peak, counted from the tensors
+
+    @property
+    def activation_bytes(self) -> int:
+        """Activations and workspace: the measured peak less the model states."""
+        return max(self.peak_bytes - sum(self.states), 0)
+
+
+def measure(r: Recipe, steps: int = 5, warmup: int = 2) -> Measured:
+    """Time `steps` real optimizer steps of the recipe's model per resolution on the local device."""
+    import timm
+    import timm_optdnn  # noqa: F401  (registers the models)
+    from timm.optim import create_optimizer_v2
+    from timm.utils import ModelEmaV3
+    use_cuda = r.device == "cuda" or (r.device == "auto" and torch.cuda.is_available())
+    if r.precision == "fp16" and not use_cuda:
+        raise ValueError("precision=fp16 is measured on a GPU only (as it trains)")
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    name = f"{torch.cuda.get_device_name(device)} ({device})" if use_cuda else \
+        f"cpu, {torch.get_num_threads()} torch threads"
+    memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
+    model = timm.create_model(r.model, num_classes=r.num_classes, drop_path_rate=r.drop_path, **r.model_kwargs)
+    model.to(device=device, memory_format=memory_format).train()
+    if r.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    optimizer = create_optimizer_v2(model, opt=r.opt, lr=r.lr, weight_decay=r.weight_decay)
+    ema = ModelEmaV3(model, device=device) if r.ema else None
+    step_model = torch.compile(model) if r.compile else model
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=r.precision == "fp16")
+
+    def train_step(x: torch.Tensor, y: torch.Tensor, step: int) -> None:
+        for _ in range(r.grad_accum):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = torch.nn.functional.cross_entropy(step_model(x), y)
+            scaler.scale(loss / r.grad_accum).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model, step=step)
+
+    def sync() -> None:
+        if use_cuda:
+            torch.cuda.synchronize(device)
+
+    def timed_steps(res: int) -> float:
+        """img/s of `steps` optimizer steps at `res` px, after `warmup` (compilation, autotuning, optimizer state)."""
+        x = torch.randn(r.batch_size, 3, res, res, device=device).contiguous(memory_format=memory_format)
+        y = torch.randint(0, r.num_classes, (r.batch_size,), device=device)
+        for i in range(warmup):
+            train_step(x, y, i)
+        sync()
+        if use_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            train_step(x, y, warmup + i)
+        sync()
+        return steps * r.grad_accum * r.batch_size / (time.perf_counter() - t0)
+
+    if not use_cuda:  # CPU: from before the first step (freed memory is not always handed back to the OS)
+        rss0 = _reset_peak_rss()
+    img_s, peak = {}, 0
+    for res in sorted(set(resolutions(r))):
+        with cuda_training_settings() if use_cuda else nullcontext():
+            img_s[res] = timed_steps(res)
+        if use_cuda:
+            peak = max(peak, torch.cuda.max_memory_allocated(device))
+    states = States(params=_bytes(model.parameters()),
+                    grads=_bytes(p for p in model.parameters() if p.requires_grad),  # live at the peak, then freed
+                    optimizer=_bytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)),
+                    ema=_bytes(ema.module.state_dict().values()) if ema is not None else 0)
+    if not use_cuda:  # what the steps added to the resident memory at its peak, plus the tensors held before
+        peak = _proc_status("VmHWM") - rss0 + states.params + states.ema
+    return Measured(name, steps, img_s, peak, states)
+
+
+@contextmanager
+def cuda_training_settings() -> Iterator[None]:
+    """What the trainer turns on for CUDA (cuDNN autotuning, TF32 matmuls and convolutions), for the timed steps
+    only: the process's settings are restored after."""
+    matmul = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=True):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+
+
+def _bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _reset_peak_rss() -> int:
+    """Linux: make the process's peak RSS (VmHWM) its current RSS, and return that."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _proc_status("VmHWM")
+
+
+def _proc_status(key: str) -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
+    return int(line.split()[1]) * 1024  # kB
+
+
+def resolutions(r: Recipe) -> List[int]:
+    """The training resolution of each epoch (FFCV progressive resizing, or the fixed img_size)."""
+    from timm_optdnn.data import resolution
+    return [resolution(e, *r.res_schedule) if r.res_schedule else r.img_size for e in range(r.epochs)]
+
+
+def train_samples(r: Recipe) -> int:
+    meta = Path(f"{r.train_path}.meta.json")
+    return json.loads(meta.read_text())["num_samples"] if r.train_path and meta.is_file() else IMAGENET_TRAIN
+
+
+def plan(cfg, measured: Optional[Measured] = None) -> Dict[str, Any]:
+    """The plan's numbers; wall time from `measured` if given, else from the assumed device rate."""
     import timm
     import timm_optdnn  # noqa: F401
-    from timm_optdnn.data import resolution
     from timm_optdnn.flops import count
-    world = cfg.plan_gpus_per_node * cfg.plan_nodes
-    global_batch = cfg.batch_size * cfg.grad_accum * world
-    n = train_samples(cfg)
+    r = recipe(cfg)
+    world = r.gpus_per_node * r.nodes
+    global_batch = r.batch_size * r.grad_accum * world
+    n = train_samples(r)
     steps_per_epoch = n // global_batch
-    model = timm.create_model(cfg.model, num_classes=cfg.num_classes, **cfg.model_kwargs)
+    images_per_epoch = steps_per_epoch * global_batch
+    model = timm.create_model(r.model, num_classes=r.num_classes, device="meta", **r.model_kwargs)
     params = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    res = [resolution(e, *cfg.res_schedule) if cfg.res_schedule else cfg.img_size for e in range(cfg.epochs)]
-    gmacs = {r: count(cfg.model, img_size=r, num_classes=cfg.num_classes, **cfg.model_kwargs)[0] for r in set(res)}
-    train_flops = sum(6 * gmacs[r] * 1e9 * steps_per_epoch * global_batch for r in res)
-    device_flops = cfg.plan_peak_tflops * 1e12 * cfg.plan_utilization
-    hours = train_flops / (world * device_flops) / 3600
-    lr = cfg.lr * global_batch / cfg.lr_base_size if cfg.lr_base_size else cfg.lr
-    return dict(model=cfg.model, params_m=params / 1e6, gmacs=gmacs[cfg.img_size] if cfg.img_size in gmacs else
-                gmacs[res[-1]], nodes=cfg.plan_nodes, gpus_per_node=cfg.plan_gpus_per_node, world=world,
-                batch_per_gpu=cfg.batch_size, grad_accum=cfg.grad_accum, global_batch=global_batch, lr=lr,
-                train_samples=n, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * cfg.epochs,
-                epochs=cfg.epochs, resolutions=sorted(set(res)), zero_stage=cfg.zero_stage, precision=cfg.precision,
-                model_state_gib=model_state_bytes(cfg, params, largest, world) / 2 ** 30,
-                train_pflop=train_flops / 1e15, peak_tflops=cfg.plan_peak_tflops, utilization=cfg.plan_utilization,
-                wall_h=hours, gpu_h=hours * world)
+    res = resolutions(r)
+    gflops = {s: count(r.model, img_size=s, num_classes=r.num_classes, **r.model_kwargs)[0] for s in set(res)}
+    train_flops = sum(3 * gflops[s] * 1e9 * images_per_epoch for s in res)
+    states = measured.states if measured else States.assumed(params, r.ema)
+    per_gpu = states.per_gpu(r.zero_stage, world, largest)
+    p = dict(model=r.model, params_m=params / 1e6, gflops=gflops[res[-1]], img_size=res[-1], nodes=r.nodes,
+             gpus_per_node=r.gpus_per_node, world=world, batch_per_gpu=r.batch_size, grad_accum=r.grad_accum,
+             global_batch=global_batch, lr=r.lr * global_batch / r.lr_base_size if r.lr_base_size else r.lr,
+             train_samples=n, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * r.epochs,
+             epochs=r.epochs, resolutions=sorted(set(res)), zero_stage=r.zero_stage, precision=r.precision,
+             model_state_gib=per_gpu / 2 ** 30, train_pflop=train_flops / 1e15, peak_tflops=r.peak_tflops,
+             utilization=r.utilization, measured=measured is not None)
+    if measured is None:
+        seconds = train_flops * FLOPS_PER_MAC / (world * r.peak_tflops * 1e12 * r.utilization)
+        p.update(memory_gib=None)
+    else:
+        seconds = sum(images_per_epoch / (world * measured.img_s[s]) for s in res)
+        achieved = {s: measured.img_s[s] * 3 * gflops[s] * FLOPS_PER_MAC / 1e3 for s in measured.img_s}
+        p.update(memory_gib=(measured.activation_bytes + per_gpu) / 2 ** 30, device=measured.device,
+                 measured_steps=measured.steps, img_s=measured.img_s, achieved_tflops=achieved,
+                 peak_gib=measured.peak_bytes / 2 ** 30, state_gib=sum(states) / 2 ** 30,
+                 activation_gib=measured.activation_bytes / 2 ** 30)
+    return dict(p, wall_h=seconds / 3600, gpu_h=seconds / 3600 * world)
 
 
-def print_plan(cfg: TrainConfig) -> Dict[str, Any]:
-    p = plan(cfg)
+def print_plan(cfg, measure_steps: int = 0) -> Dict[str, Any]:
+    """Print the plan (with `measure_steps` > 0: measured on this machine's device first) and return it."""
+    r = recipe(cfg)
+    m = measure(r, steps=measure_steps) if measure_steps else None
+    p = plan(cfg, m)
     rows = [
-        ("model", f"{p['model']} ({p['params_m']:.2f}M params, {p['gmacs']:.2f} GMACs/img fwd at {cfg.img_size} px)"),
+        ("model", f"{p['model']} ({p['params_m']:.4g}M params, {p['gflops']:.4g} GFLOPs/img forward at "
+                  f"{p['img_size']} px)"),
         ("world", f"{p['nodes']} node(s) x {p['gpus_per_node']} GPUs = {p['world']} ranks"),
-        ("batch", f"{p['batch_per_gpu']} per GPU x accum {p['grad_accum']} = {p['global_batch']} global, lr {p['lr']:.3g}"),
+        ("batch", f"{p['batch_per_gpu']} per GPU x accum {p['grad_accum']} = {p['global_batch']} global, "
+                  f"lr {p['lr']:.3g}"),
         ("steps", f"{p['steps_per_epoch']} / epoch ({p['train_samples']} images) x {p['epochs']} epochs = "
                   f"{p['total_steps']}"),
         ("resolution", ", ".join(map(str, p["resolutions"]))),
-        ("model states / GPU", f"{p['model_state_gib']:.2f} GiB (ZeRO-{p['zero_stage']}, {p['precision']}; "
-                               f"DeepSpeed estimator, activations not included)"),
-        ("training compute", f"{p['train_pflop']:.0f} PFLOP (6 x fwd MACs x images)"),
-        ("assumed device", f"{p['peak_tflops']:.0f} TFLOP/s peak x {p['utilization']:.0%} utilisation "
-                           f"(plan_peak_tflops=, plan_utilization=)"),
-        ("wall time", f"{p['wall_h']:.1f} h"),
-        ("GPU-hours", f"{p['gpu_h']:.0f}"),
+        ("training compute", f"{p['train_pflop']:.4g} PFLOP (3 x forward x images; 1 multiply-add = 1 FLOP)"),
+        ("model states / GPU", f"{_gib(p['model_state_gib'])} (ZeRO-{p['zero_stage']} over {p['world']} ranks: fp32 "
+                               f"weights and gradients, {'measured' if m else 'assumed Adam-like'} optimizer state"
+                               f"{', fp32 EMA copy' if r.ema else ''}{_autocast(r.precision)})"),
     ]
+    if m is None:
+        rows += [
+            ("memory / GPU", f"activations unknown: --measure runs a few steps to measure them"),
+            ("ASSUMED device", f"{p['peak_tflops']:.0f} TFLOP/s peak x {p['utilization']:.0%} utilisation "
+                               f"(plan_peak_tflops, plan_utilization; not measured: --measure on the target GPU)"),
+        ]
+    else:
+        speed = ", ".join(f"{p['img_s'][s]:.1f} img/s at {s} px ({p['achieved_tflops'][s]:.3g} TFLOP/s, "
+                          f"{p['achieved_tflops'][s] / p['peak_tflops']:.1%} of plan_peak_tflops)"
+                          for s in sorted(p["img_s"]))
+        rows += [
+            ("measured on", f"{p['device']}: {p['measured_steps']} steps of {r.batch_size} x {r.grad_accum} synthetic "
+                            f"images per resolution, {r.precision}{'' if r.precision == 'fp32' else ' autocast'}, "
+                            f"channels_last {_on(r.channels_last)}, grad_checkpointing {_on(r.grad_checkpointing)}, "
+                            f"compile {_on(r.compile)}, {r.opt}{', EMA' if r.ema else ''}"),
+            ("measured speed", f"{speed} per device (device peaks count a multiply-add as 2 FLOPs)"),
+            ("measured memory", f"{_gib(p['peak_gib'])} peak = {_gib(p['state_gib'])} model states + "
+                                f"{_gib(p['activation_gib'])} activations and workspace"
+                                f"{'' if 'cuda' in p['device'] else ' (CPU: growth of the peak RSS, approximate)'}"),
+            ("memory / GPU", f"{_gib(p['memory_gib'])} = {_gib(p['activation_gib'])} activations (measured) + "
+                             f"{_gib(p['model_state_gib'])} model states (above)"),
+        ]
+    basis = "measured img/s x ranks; data loading and communication not included" if m else "ASSUMED device rate"
+    rows += [("wall time", f"{_duration(p['wall_h'] * 3600)} ({basis})"), ("GPU-hours", f"{p['gpu_h']:.4g}")]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     return p
+
+
+def _autocast(precision: str) -> str:
+    return "" if precision == "fp32" else f"; {precision} by autocast"
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def _gib(x: float) -> str:
+    return f"{x:.2f} GiB" if x >= 0.1 else f"{x * 1024:.1f} MiB"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 7200 else f"{seconds / 60:.1f} min" if seconds >= 120 else \
+        f"{seconds:.0f} s"

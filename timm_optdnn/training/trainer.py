@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import TrainConfig, load_ds_config, save_config
+from .launch import EXIT_PREEMPTED
 
 STEP_LOG = "steps.csv"  # one row per optimizer step on rank 0: the record exact-resume is checked against
 
@@ -427,4 +428,6 @@ def main(cfg: TrainConfig) -> int:
     except NonFiniteLoss as e:
         print(f"[rank {os.environ.get('RANK', 0)}] stopping: {e}", file=sys.stderr, flush=True)
         return 3
-    return 0 if result["status"] in ("finished", "max_steps", "preempted") else 1
+    if result["status"] == "preempted":
+        return EXIT_PREEMPTED  # saved on a signal: the launch scripts (and SLURM's requeue) tell it from the end
+    return 0 if result["status"] in ("finished", "max_steps") else 1
