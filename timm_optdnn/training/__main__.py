@@ -1,4 +1,5 @@
-"""python -m timm_optdnn.training (or `python -m train` from a checkout) --config configs/<recipe>.yaml [key=value ...] [--plan]"""
+"""python -m timm_optdnn.training (or `python -m train` from a checkout) --config configs/<recipe>.yaml
+[section.key=value ...] [--plan]"""
 import argparse
 import sys
 
@@ -10,7 +11,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", help="YAML recipe (configs/*.yaml)")
     p.add_argument("--plan", action="store_true", help="print the resolved run plan (memory, time) and exit")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    p.add_argument("overrides", nargs="*", help="key=value recipe overrides, values parsed as YAML")
+    p.add_argument("overrides", nargs="*", help="section.key=value recipe overrides, values parsed as YAML")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
