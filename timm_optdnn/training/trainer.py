@@ -34,7 +34,7 @@ from .launch import EXIT_PREEMPTED, DistEnv, LaunchError, dist_env, distributed_
 from .run_dir import CheckpointError, ClientState, RunDir, step_of, tag_for
 
 EXIT_NONFINITE = 3  # the loss became NaN or inf: see the message for the checkpoint to resume from
-EXIT_REFUSED = 2  # the recipe, the data, the out_dir or the checkpoints cannot work; nothing was started or written
+EXIT_REFUSED = 2  # the recipe, the data, the out_dir or the checkpoint cannot work (refused before start)
 
 
 class RunError(RuntimeError):
@@ -65,9 +65,9 @@ def main(cfg: TrainConfig) -> int:
         except NonFiniteLoss as e:
             print(f"[rank {env.rank}] stopping: {e}", file=sys.stderr, flush=True)
             return EXIT_NONFINITE
-        except CheckpointError as e:
+        except (RunError, CheckpointError) as e:
             print(f"[rank {env.rank}] error: {e}", file=sys.stderr, flush=True)
-            return 1
+            return EXIT_REFUSED
     return EXIT_PREEMPTED if result["status"] == "preempted" else 0
 
 
@@ -223,13 +223,17 @@ def use_cuda(cfg: TrainConfig) -> bool:
 class Watchdog:
     """Ends this process, printing every thread's traceback, when a guarded block (a training step, an eval batch, a
     checkpoint save) runs longer than `timeout_s`. A dead or hung rank leaves the others blocked in a collective,
-    and the process groups DeepSpeed creates keep torch's default timeout (30 min on gloo) whatever the run's is."""
+    and the process groups DeepSpeed creates keep torch's default timeout (30 min on gloo) whatever the run's is.
+    Armed after the run's first step, which may compile the model or autotune kernels for minutes."""
 
     def __init__(self, timeout_s: int):
-        self.timeout_s = timeout_s
+        self.timeout_s, self.armed = timeout_s, False
 
     @contextmanager
     def guard(self) -> Iterator[None]:
+        if not self.armed:
+            yield
+            return
         faulthandler.dump_traceback_later(self.timeout_s, exit=True)
         try:
             yield
@@ -378,21 +382,15 @@ class Trainer:
 
     def fit(self) -> Dict[str, Any]:
         """Epochs until done, max_steps or a stop signal; writes result.json and returns it."""
-        status = "finished"
-        while self.epoch < self.cfg.schedule.epochs:
+        while self.epoch < self.cfg.schedule.epochs and self.engine.global_steps < self.max_steps:
             t0 = time.time()
             end = self.train_one_epoch(self.epoch, self.batches_done)
             epoch_s = time.time() - t0
             self.train_time += epoch_s
             if end == "preempted":
-                status = end
-                break
-            epoch_done = end == "epoch"
-            self.end_epoch(epoch_s, epoch_done)
-            if not epoch_done or self.engine.global_steps >= self.max_steps:
-                status = "finished" if self.engine.global_steps >= self.total_steps else "max_steps"
-                break
-        return self.finish(status)
+                return self.finish(end)
+            self.end_epoch(epoch_s, epoch_done=end == "epoch")
+        return self.finish("finished" if self.engine.global_steps >= self.total_steps else "max_steps")
 
     def train_one_epoch(self, epoch: int, skip: int) -> str:
         """Micro-batches `skip`.. of `epoch`: 'epoch' at its end, 'max_steps', or 'preempted' (saved)."""
@@ -413,6 +411,7 @@ class Trainer:
                 self.engine.backward(loss)
                 self.engine.step()
                 self.pending.append(loss.detach())
+                self.watchdog.armed = True
                 batch_i += 1
                 self.images_seen += images.shape[0] * self.world
                 if batch_i % accum:
@@ -482,6 +481,7 @@ class Trainer:
             if last_good is not None:
                 self.run.set_latest(last_good)
             self.write_result("nonfinite", None, last_good_checkpoint=last_good)
+        dist.barrier()  # a launcher ends the other ranks when one exits: not before rank 0 has written this
         where = (f"the last checkpoint whose weights gave a finite loss is {self.run.checkpoint(last_good)} (now "
                  f"'latest': lower optim.lr and continue it with run.resume=auto)" if last_good else
                  "no checkpoint of this run has weights known to give a finite loss")
