@@ -541,8 +541,9 @@ class Trainer:
                       params=self.n_params, train_img_s=self.images_seen / max(self.train_time, 1e-9),
                       train_s=self.train_time, wall_s=time.time() - self.t_start, peak_mem_mb=peak_mb,
                       compute_dtype=self.compute_dtype, last=self.history[-1] if self.history else None,
-                      checkpoint=self.run.latest(), scheme_coefficients=[round(c, 4) for c in coefs] if coefs else None,
-                      coef_above_1=sum(c > 1 for c in coefs) if coefs else None, **extra)
+                      checkpoint=self.run.latest(),
+                      scheme_coefficients=None if coefs is None else [round(c, 4) for c in coefs],
+                      coef_above_1=None if coefs is None else sum(c > 1 for c in coefs), **extra)
         self.run.result.write_text(json.dumps(result, indent=1))
         return result
 
