@@ -3,8 +3,9 @@
     python -m timm_optdnn.training.export runs/demo/optdnn_apg2_convnext_iso_fm model.safetensors [--tag stepN] [--ema]
 
 Takes a run directory; the checkpoint is the newest intact one (`latest`, or the one before it if that is damaged)
-unless --tag names one, and is checked against its manifest first. ZeRO 1-3 shards are consolidated to fp32 by
-DeepSpeed's own zero_to_fp32; a ZeRO-0 checkpoint holds the full (fp32) module already. The result loads with
+unless --tag names one, and is checked against its manifest first. Below ZeRO-3 the checkpoint holds the whole
+module, in fp32 (the trainer keeps the module fp32 in every precision): it is the state dict. ZeRO-3 shards are
+consolidated to fp32 by DeepSpeed's own zero_to_fp32. The result loads with
     timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file="model.safetensors"))
 """
 import argparse
@@ -31,16 +32,15 @@ def checkpoint(source: PathLike, tag: Optional[str] = None) -> Tuple[RunDir, str
 
 def export_state_dict(source: PathLike, tag: Optional[str] = None, ema: bool = False) -> Dict[str, torch.Tensor]:
     """The fp32 model (or its EMA) state dict of a run's checkpoint, with timm's key names."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     run, tag = checkpoint(source, tag)
-    ckpt = run.checkpoint(tag)
     if ema:
         state = run.client_state(tag).get("ema")
         if state is None:
-            raise CheckpointError(f"{ckpt} has no EMA weights (trained with model.ema=false)")
-    elif any(ckpt.glob("*zero_pp_rank_*_optim_states.pt")):
+            raise CheckpointError(f"{run.checkpoint(tag)} has no EMA weights (trained with model.ema=false)")
+    elif run.sharded(tag):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         state = get_fp32_state_dict_from_zero_checkpoint(str(run.checkpoints), tag=tag)
-    else:  # ZeRO-0: the module states are complete
+    else:
         state = run.client_state(tag)["module"]
     return {k: v.detach().float().contiguous().clone() if v.is_floating_point() else v.contiguous().clone()
             for k, v in state.items()}

@@ -166,6 +166,11 @@ class RunDir:
                 return self.checkpoint(tag) / name
         raise CheckpointError(f"{self.checkpoint(tag)} is not a DeepSpeed checkpoint (no {' or '.join(MODEL_STATES)})")
 
+    def sharded(self, tag: str) -> bool:
+        """ZeRO-3: every rank saved a shard of each parameter (DeepSpeed's zero_to_fp32 consolidates them); below
+        it, rank 0's model-states file holds the whole module."""
+        return self.model_states(tag).name == MODEL_STATES[1]
+
     def client_state(self, tag: Optional[str] = None) -> Dict[str, Any]:
         """The state saved with checkpoint `tag` (default: the newest intact one): `ClientState` + DeepSpeed's keys."""
         tag = tag or self.require_intact()
