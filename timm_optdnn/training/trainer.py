@@ -18,7 +18,7 @@ import resource
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -197,23 +197,30 @@ def process_settings(cfg: TrainConfig, env: DistEnv) -> Iterator[List[str]]:
     received: List[str] = []
     handlers = {s: signal.signal(s, lambda n, _: received.append(signal.Signals(n).name))
                 for s in (signal.SIGTERM, signal.SIGUSR1)}
-    threads, benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
-    matmul_precision = torch.get_float32_matmul_precision()
-    if use_cuda(cfg):
-        torch.backends.cudnn.benchmark = True  # fixed shapes per resolution: cuDNN picks its fastest kernels once
-        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls (convolutions use it by default)
-    else:  # ranks on one host share its cores
+    threads = torch.get_num_threads()
+    if not use_cuda(cfg):  # ranks on one host share its cores
         torch.set_num_threads(cfg.dist.threads or max(1, (os.cpu_count() or 1) // env.local_world_size))
     try:
-        with distributed_environment(env):
+        with distributed_environment(env), cuda_training_settings() if use_cuda(cfg) else nullcontext():
             yield received
     finally:
         faulthandler.cancel_dump_traceback_later()
         for s, h in handlers.items():
             signal.signal(s, h)
         torch.set_num_threads(threads)
-        torch.backends.cudnn.benchmark = benchmark
-        torch.set_float32_matmul_precision(matmul_precision)
+
+
+@contextmanager
+def cuda_training_settings() -> Iterator[None]:
+    """cuDNN autotuning (fixed shapes per resolution: it picks its fastest kernels once) and TF32 for fp32 matmuls
+    and convolutions, within the block; the previous settings after it."""
+    matmul = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=True):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
 
 
 def use_cuda(cfg: TrainConfig) -> bool:
@@ -636,7 +643,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, lockstep: bool =
     lockstep (ZeRO-3): every rank runs the same number of forwards (parameters are gathered collectively), so a
     rank whose shard has one batch fewer runs a throw-away forward. guard: a context for each batch (the watchdog).
     """
-    guard = guard or _nothing
+    guard = guard or nullcontext
     was_training = model.training
     model.eval()
     stats = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, count, loss sum
@@ -661,11 +668,6 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, lockstep: bool =
     model.train(was_training)
     c1, c5, n, loss = stats.tolist()
     return dict(top1=100 * c1 / n, top5=100 * c5 / n, loss=loss / n, count=int(n))
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def release_shm_segment(env: DistEnv) -> None:
