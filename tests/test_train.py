@@ -381,15 +381,11 @@ def test_recipes_load_with_their_bases():
 
 
 @pytest.mark.timeout(120)
-def test_cli_rejects_bad_config_before_work_and_plans(tmp_path):
+def test_cli_rejects_a_bad_recipe_before_work(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {name: optdnn_apg2_vit_s}\ndata: {batch_sizee: 64}\n")
     r = run([PY, "-m", "train", "--config", str(bad)], timeout=60)
     assert r.returncode == 2 and "unknown config key(s): data.batch_sizee (did you mean data.batch_size?)" in r.stderr
-    r = run([PY, "-m", "train", "--config", "configs/optdnn_apg2_vit_s.yaml", "--plan", "plan.nodes=4"], timeout=90)
-    assert r.returncode == 0, r.log[-2000:]
-    assert "4 node(s) x 8 GPUs = 32 ranks" in r.stdout and "128 per GPU x accum 1 = 4096 global" in r.stdout
-    assert "312 / epoch (1281167 images)" in r.stdout and "GPU-hours" in r.stdout
 
 
 @pytest.mark.timeout(180)
