@@ -351,6 +351,7 @@ def test_dead_or_hung_rank_ends_the_run_within_dist_timeout(data, tmp_path, sig)
     (["optim.lrr=1e-3"], "unknown config key(s): optim.lrr (did you mean optim.lr?)"),
     (["optimm.lr=1e-3"], "unknown config key(s): optimm (did you mean optim?)"),
     (["lr=1e-3"], "override 'lr=1e-3': keys are section.key (did you mean optim.lr?)"),
+    (["plan_nodes=2"], "override 'plan_nodes=2': keys are section.key (did you mean plan.nodes?)"),
     (["data.batch_size=12.5"], "data.batch_size=12.5 (float) is not a valid"),
     (["model.kwargs={dim: 32"], "override 'model.kwargs={dim: 32': the value is not YAML"),
     (["model.ema=true", "dist.zero_stage=3"], "model.ema=true needs dist.zero_stage <= 2"),

@@ -263,9 +263,12 @@ def parse_overrides(overrides: List[str]) -> Dict[str, Dict[str, Any]]:
         need("=" in item, f"override {item!r} is not section.key=value")
         key, value = item.split("=", 1)
         section, dot, name = key.strip().partition(".")
-        if not dot:
-            flat = {f.name: s for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
-            hint = f" (did you mean {flat[section]}.{section}?)" if section in flat else ""
+        if not dot:  # a bare key (`lr`) or an underscored one (`plan_nodes`): name the section.key it may be
+            keys = {f.name: f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+            close = difflib.get_close_matches(section.replace("_", "."), list(keys.values()), 1)
+            guess = ", ".join(f"{section}.{f.name}" for f in dataclasses.fields(SECTIONS[section])) \
+                if section in SECTIONS else keys.get(section) or (close[0] if close else None)
+            hint = f" (did you mean {guess}?)" if guess else ""
             raise ConfigError(f"override {item!r}: keys are section.key{hint}")
         try:
             out.setdefault(section, {})[name] = yaml.safe_load(value) if value != "" else None
