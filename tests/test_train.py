@@ -25,6 +25,7 @@ from typing import Callable
 import pytest
 import torch
 
+from timm_optdnn.models.schemes import init_coefficients
 from timm_optdnn.training.launch import free_port
 from timm_optdnn.training.run_dir import RunDir
 
@@ -138,8 +139,9 @@ def test_zero2_run_logs_evaluates_and_keeps_last_checkpoints(reference):
     assert run_dir.curves.stat().st_size > 0 and any(run_dir.tb.iterdir())
     assert run_dir.recorded_config()["model"]["kwargs"] == {"dim": 32, "depth": 3} and "epoch 2/2" in log
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # DeepSpeed's segments released
-    # the learned APG2 coefficients moved away from their 2/(k+2) start, and are logged each epoch
-    assert result["scheme_coefficients"][0] != 1.0 or result["scheme_coefficients"][1] != round(2 / 3, 4)
+    # the learned APG2 coefficients moved away from the algorithm's schedule, and are logged each epoch
+    init = init_coefficients("apg2", 3).tolist()
+    assert max(abs(c - i) for c, i in zip(result["scheme_coefficients"], init)) > 1e-3
     assert result["coef_above_1"] == sum(c > 1 for c in result["scheme_coefficients"])
     assert log.count("scheme coefficients: ") == 2
 
@@ -249,6 +251,7 @@ def test_mixed_precision_autocasts_with_fp32_weights_coefficients_and_ema(plain,
     """bf16 / fp16 through autocast: the forward computes in 16 bits, while the module DeepSpeed holds (so its
     gradients, their accumulation and reduction), the scheme coefficients and the EMA copy stay fp32; the losses
     track fp32's closely without equalling them."""
+    import timm
     run_dir = RunDir(tmp_path)
     r = run(deepspeed_cmd(*PLAIN, *data, f"dist.zero_stage={stage}", f"dist.precision={precision}", "model.ema=true",
                           f"run.out_dir={tmp_path}", "schedule.max_steps=8"))
@@ -261,8 +264,9 @@ def test_mixed_precision_autocasts_with_fp32_weights_coefficients_and_ema(plain,
     assert losses == pytest.approx(ref, rel=3e-3) and losses != ref  # measured bf16: ~1e-4 apart
     state = run_dir.client_state()
     assert {v.dtype for v in state["module"].values()} == {v.dtype for v in state["ema"].values()} == {torch.float32}
-    coef = state["module"]["blocks.coef"]
-    assert coef.dtype == torch.float32 and [round(c, 4) for c in coef.tolist()] == result["scheme_coefficients"]
+    model = timm.create_model("optdnn_apg2_convnext_iso_fm", num_classes=10, dim=32, depth=3)
+    model.load_state_dict(state["module"])  # the coefficients among the fp32 weights: the ones the run reported
+    assert [round(c, 4) for c in model.scheme_coefficients()] == result["scheme_coefficients"]
 
 
 @pytest.mark.timeout(480)
