@@ -22,7 +22,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import matplotlib.pyplot as plt
 from timm_optdnn.training.config import CONFIG_DIR, load_config
 from timm_optdnn.training.demo import launch
-from timm_optdnn.training.trainer import train as train_here
+from timm_optdnn.training.run_dir import RunDir
+from timm_optdnn.training.trainer import main as train_here
 
 from timm_optdnn.data import write_beton
 from timm_optdnn.flops import count
@@ -43,9 +44,11 @@ def run_dir(runs: Path, scheme: str, seed: int) -> Path:
 def train_one(overrides: List[str], in_process: bool) -> None:
     """One run of the demo recipe with `overrides`: 2 ranks through the deepspeed launcher, or 1 rank here."""
     # a launch costs ~30 CPU s of start-up per rank (imports, numba, DeepSpeed), so 4 would not fit --quick's
-    # minute; in-process, this process keeps the trainer's RANK env and SIGTERM handler afterwards
+    # minute; in-process, this process keeps DeepSpeed's process group afterwards
     if in_process:
-        train_here(load_config(str(RECIPE), overrides))
+        code = train_here(load_config(str(RECIPE), overrides))
+        if code:
+            raise SystemExit(f"training with {overrides} failed (exit code {code})")
     else:
         launch(RECIPE, overrides, nproc=2)
 
@@ -65,23 +68,25 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     runs.mkdir(parents=True, exist_ok=True)
 
     demo = load_config(str(RECIPE))
-    common = [f"model={MODEL}", f"train_path={runs / 'train.beton'}", f"val_path={runs / 'test.beton'}",
-              f"epochs={args.epochs}", f"warmup_epochs={demo.warmup_epochs * args.epochs / demo.epochs}"]
+    common = [f"model.name={MODEL}", f"data.train_path={runs / 'train.beton'}", f"data.val_path={runs / 'test.beton'}",
+              f"schedule.epochs={args.epochs}",
+              f"schedule.warmup_epochs={demo.schedule.warmup_epochs * args.epochs / demo.schedule.epochs}"]
     load_config(str(RECIPE), common)  # a bad --epochs fails now, not after the data is written
     t0 = time.perf_counter()
     meta = write_beton("fashion-mnist", runs / "train.beton", split="train", subset=mode["subset"], overwrite=True)
     write_beton("fashion-mnist", runs / "test.beton", split="test", subset=mode["test_subset"], overwrite=True)
-    gflops = {s: count(MODEL, img_size=demo.img_size, num_classes=demo.num_classes, scheme=s)[0] for s in SCHEMES}
+    gflops = {s: count(MODEL, img_size=demo.data.img_size, num_classes=demo.model.num_classes, scheme=s)[0]
+              for s in SCHEMES}
 
     rows: List[Dict[str, Any]] = []
     todo = [(s, seed) for s in SCHEMES for seed in mode["seeds"]]
     for i, (scheme, seed) in enumerate(todo):
         run = run_dir(runs, scheme, seed)
-        shutil.rmtree(run, ignore_errors=True)  # resume=none, but summary.csv would append to an old run's
+        shutil.rmtree(run, ignore_errors=True)  # the recipe's run.resume=none refuses an existing run: a fresh grid
         t_run = time.perf_counter()
-        train_one(common + [f"model_kwargs={{scheme: {scheme}}}", f"seed={seed}", f"out_dir={run}"],
+        train_one(common + [f"model.kwargs={{scheme: {scheme}}}", f"run.seed={seed}", f"run.out_dir={run}"],
                   in_process=args.quick)
-        result = json.loads((run / "result.json").read_text())
+        result = json.loads(RunDir(run).result.read_text())
         rows.append(dict(scheme=scheme, seed=seed, epochs=args.epochs, train_images=meta["num_samples"],
                          gflops=gflops[scheme], params=result["params"], top1=result["last"]["top1"],
                          train_s=round(result["train_s"], 1), wall_s=round(time.perf_counter() - t_run, 1),

@@ -31,4 +31,4 @@ def fmnist_betons(tmp_path_factory):
     d = tmp_path_factory.mktemp("fmnist")
     write_beton("fashion-mnist", d / "train.beton", split="train", subset=0.02)
     write_beton("fashion-mnist", d / "test.beton", split="test", subset=0.05)
-    return [f"train_path={d / 'train.beton'}", f"val_path={d / 'test.beton'}"]
+    return [f"data.train_path={d / 'train.beton'}", f"data.val_path={d / 'test.beton'}"]

@@ -126,6 +126,7 @@ def test_publish_local_dir_round_trip(trained, tmp_path):
 
 DS_RUN = """
 import os, sys, torch, deepspeed, timm, timm_optdnn
+from timm_optdnn.training.run_dir import RunDir
 run, port = sys.argv[1], sys.argv[2]
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 model = timm.create_model("{arch}", num_classes=5, **{kwargs})
@@ -134,9 +135,9 @@ engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model
 for _ in range(2):  # move every weight (incl. the t_k) away from its init
     engine.backward(engine(torch.randn(2, 3, 32, 32)).logsumexp(1).mean())
     engine.step()
-engine.save_checkpoint(run + "/checkpoints", tag="step2", client_state=dict(
+engine.save_checkpoint(run + "/checkpoints", tag="step00000002", client_state=dict(
     model="{arch}", model_kwargs={kwargs}, num_classes=5))
-open(run + "/checkpoints/latest", "w").write("step2")
+RunDir(run).commit_checkpoint("step00000002", run_id="test", world_size=1)
 open(run + "/config.yaml", "w").write("model: {arch}\\nzero_stage: 1\\n")
 torch.save(engine.module.eval()(torch.load(sys.argv[3])), run + "/logits.pt")
 """

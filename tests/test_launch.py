@@ -260,7 +260,7 @@ def wait_for(path: Path, text: str, count: int, proc: subprocess.Popen, timeout:
 def test_slurm_script_requeues_only_after_a_time_limit_save(tmp_path, task, signal_to_script, exit_codes, requeued):
     env = dict(slurm_job(tmp_path, str(executable(tmp_path / "python", FAKE_TASK))), FAKE_TASK=task)
     log = tmp_path / "slurm.log"
-    job = sbatch(env, "configs/demo.yaml", "epochs=1")
+    job = sbatch(env, "configs/demo.yaml", "schedule.epochs=1")
     if signal_to_script is not None:
         wait_for(log, "started", 2, job, timeout=30)
         job.send_signal(signal_to_script)
@@ -270,7 +270,7 @@ def test_slurm_script_requeues_only_after_a_time_limit_save(tmp_path, task, sign
     # every task got the job's rendezvous (scontrol's first host, a port from the job id) and the interpreter
     assert "scontrol show hostnames node1" in calls and "rendezvous 127.0.0.1:24242" in out
     assert f"srun --kill-on-bad-exit=1 {env['PYTHON']} -m timm_optdnn.training --config configs/demo.yaml " \
-           "resume=auto epochs=1" in calls
+           "run.resume=auto schedule.epochs=1" in calls
     if task in ("save", "slow") and signal_to_script in (signal.SIGUSR1, signal.SIGTERM):
         assert "task 0 got a signal, saved" in calls
     assert ("scontrol requeue 4242" in calls) == requeued, calls
@@ -284,9 +284,10 @@ def test_slurm_script_outside_a_job_is_refused(tmp_path):
 # ------------------------------------------------------------------------ real runs: 2 CPU ranks, the real trainer
 
 # the demo recipe at tiny width: 2 epochs of 18 steps, a checkpoint every 2 steps
-TINY = ["model_kwargs={dim: 32, depth: 3}", "img_size=28", "crop_pct=1.0", "batch_size=32", "val_batch_size=100",
-        "num_workers=1", "epochs=2", "warmup_epochs=0.1", "ckpt_every_steps=2", "keep_last=2", "log_every_steps=6",
-        "threads=1", "dist_timeout_s=300", "tensorboard=false"]
+TINY = ["model.kwargs={dim: 32, depth: 3}", "data.img_size=28", "data.crop_pct=1.0", "data.batch_size=32",
+        "data.val_batch_size=100", "data.num_workers=1", "schedule.epochs=2", "schedule.warmup_epochs=0.1",
+        "run.ckpt_every_steps=2", "run.keep_last=2", "run.log_every_steps=6", "dist.threads=1", "dist.timeout_s=300",
+        "run.tensorboard=false"]
 
 
 def run_env(**extra: str) -> dict:
@@ -323,7 +324,7 @@ def test_sigterm_to_deepspeed_launch_script_saves_on_every_rank(fmnist_betons, t
     import psutil
     out = tmp_path / "run"
     launcher = subprocess.Popen(["bash", str(ROOT / "train" / "launch_deepspeed.sh"), "configs/demo.yaml", *TINY,
-                                 *fmnist_betons, f"out_dir={out}"], cwd=ROOT,
+                                 *fmnist_betons, f"run.out_dir={out}"], cwd=ROOT,
                                 env=run_env(GPUS="2", MASTER_PORT=str(free_port())),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tree = []
@@ -352,7 +353,7 @@ def test_slurm_script_saves_requeues_and_resumes(fmnist_betons, tmp_path):
     requeued job resumes from that checkpoint and finishes."""
     port = next(p for p in range(24000, 30000) if bindable(p))  # the script derives it from the job id
     env = slurm_job(tmp_path, sys.executable, job_id=5_000_000 + port - 20000, base=run_env())
-    args = ("configs/demo.yaml", *TINY, *fmnist_betons, f"out_dir={tmp_path / 'run'}")
+    args = ("configs/demo.yaml", *TINY, *fmnist_betons, f"run.out_dir={tmp_path / 'run'}")
     job = sbatch(env, *args)
     wait_for_checkpoint(tmp_path / "run", job)
     job.send_signal(signal.SIGUSR1)

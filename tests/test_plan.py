@@ -13,8 +13,8 @@ from timm_optdnn.training.plan import Measured, States, measure, plan, recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 # the demo recipe at tiny width, progressive resizing 20 -> 28 px, EMA on: two resolutions, every state counted
-TINY = ["model_kwargs={dim: 32, depth: 3}", "batch_size=16", "grad_accum=2", "epochs=2", "res_schedule=[20,28,0,1]",
-        "ema=true", "plan_nodes=2", "plan_gpus_per_node=4"]
+TINY = ["model.kwargs={dim: 32, depth: 3}", "data.batch_size=16", "optim.grad_accum=2", "schedule.epochs=2",
+        "data.res_schedule=[20,28,0,1]", "model.ema=true", "plan.nodes=2", "plan.gpus_per_node=4"]
 
 
 def tiny(*extra: str):
@@ -41,7 +41,7 @@ def test_measured_plan_extrapolates_from_the_measurement(fmnist_betons):
 
 
 def test_assumed_plan_is_the_labelled_fallback(fmnist_betons):
-    cfg = tiny(*fmnist_betons, "plan_peak_tflops=100", "plan_utilization=0.5")
+    cfg = tiny(*fmnist_betons, "plan.peak_tflops=100", "plan.utilization=0.5")
     p = plan(cfg)
     assert not p["measured"] and p["memory_gib"] is None
     seconds = p["train_pflop"] * 1e15 * 2 / (8 * 100e12 * 0.5)  # fvcore FLOPs are multiply-adds: x 2 for peaks

@@ -4,7 +4,7 @@
 #   GPUS=8 train/launch_deepspeed.sh configs/optdnn_apg2_vit_s.yaml
 #   HOSTFILE=hostfile GPUS=8 train/launch_deepspeed.sh configs/optdnn_apg2_convnext_iso_b.yaml
 # SIGTERM or SIGUSR1 to this script reaches every rank: each saves a checkpoint and exits, and so does the script,
-# with code 75 (EXIT_PREEMPTED; `resume=auto` continues the run). SIGINT stops everything without saving.
+# with code 75 (EXIT_PREEMPTED; `run.resume=auto` continues the run). SIGINT stops everything without saving.
 set -euo pipefail
 CONFIG=${1:?usage: $0 CONFIG.yaml [key=value ...]}; shift
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

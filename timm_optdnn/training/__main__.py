@@ -1,5 +1,5 @@
-"""python -m timm_optdnn.training (or `python -m train` from a checkout) --config configs/<recipe>.yaml [key=value ...]
-[--plan [--measure]]"""
+"""python -m timm_optdnn.training (or `python -m train` from a checkout) --config configs/<recipe>.yaml
+[section.key=value ...] [--plan [--measure]]"""
 import argparse
 import sys
 
@@ -13,7 +13,7 @@ def main(argv=None) -> int:
     p.add_argument("--measure", action="store_true", help="with --plan: time a few real training steps on this "
                    "machine's device and plan from the measured speed and memory")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    p.add_argument("overrides", nargs="*", help="key=value recipe overrides, values parsed as YAML")
+    p.add_argument("overrides", nargs="*", help="section.key=value recipe overrides, values parsed as YAML")
     args = p.parse_args(argv)
     if args.measure and not args.plan:
         p.error("--measure goes with --plan")

@@ -1,8 +1,8 @@
 """`python -m timm_optdnn.training --config R.yaml --plan [--measure]`: what a recipe costs on a cluster.
 
 --plan starts no work. It counts world, batch and steps, the model states per GPU under the recipe's ZeRO stage,
-the training compute (fvcore), and derives a wall time from an ASSUMED device rate (plan_peak_tflops x
-plan_utilization), labelled as such. Activation memory is unknown without a measurement.
+the training compute (fvcore), and derives a wall time from an ASSUMED device rate (plan.peak_tflops x
+plan.utilization), labelled as such. Activation memory is unknown without a measurement.
 
 --plan --measure first trains the recipe's model for a few steps on this machine's device (its GPU, if it has one):
 forward, backward and optimizer step (plus the EMA update) at the recipe's per-device batch, grad_accum,
@@ -15,9 +15,9 @@ training costs 3 x forward. A device's peak TFLOP/s counts a multiply-add as 2 F
 """
 import json
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional
 
 import torch
 
@@ -55,12 +55,11 @@ class Recipe(NamedTuple):
 
 
 def recipe(cfg) -> Recipe:
-    c = cfg
-    return Recipe(c.model, c.model_kwargs, c.num_classes, c.drop_path, c.train_path, c.img_size, c.res_schedule,
-                  c.epochs, c.batch_size, c.grad_accum, c.lr, c.lr_base_size, c.opt, c.weight_decay, c.ema,
-                  c.precision, c.zero_stage, c.device, c.channels_last,
-                  getattr(c, "grad_checkpointing", False), getattr(c, "compile", False),  # keys the trainer adds
-                  c.plan_nodes, c.plan_gpus_per_node, c.plan_peak_tflops, c.plan_utilization)
+    m, d, o, ds, pl = cfg.model, cfg.data, cfg.optim, cfg.dist, cfg.plan
+    return Recipe(m.name, m.kwargs, m.num_classes, m.drop_path, d.train_path, d.img_size, d.res_schedule,
+                  cfg.schedule.epochs, d.batch_size, o.grad_accum, o.lr, o.lr_base_size, o.opt, o.weight_decay, m.ema,
+                  ds.precision, ds.zero_stage, ds.device, d.channels_last, m.grad_checkpointing, m.compile,
+                  pl.nodes, pl.gpus_per_node, pl.peak_tflops, pl.utilization)
 
 
 class States(NamedTuple):
@@ -106,6 +105,7 @@ def measure(r: Recipe, steps: int = 5, warmup: int = 2) -> Measured:
     import timm_optdnn  # noqa: F401  (registers the models)
     from timm.optim import create_optimizer_v2
     from timm.utils import ModelEmaV3
+    from .trainer import cuda_training_settings
     use_cuda = r.device == "cuda" or (r.device == "auto" and torch.cuda.is_available())
     if r.precision == "fp16" and not use_cuda:
         raise ValueError("precision=fp16 is measured on a GPU only (as it trains)")
@@ -168,19 +168,6 @@ def measure(r: Recipe, steps: int = 5, warmup: int = 2) -> Measured:
     if not use_cuda:  # what the steps added to the resident memory at its peak, plus the tensors held before
         peak = _proc_status("VmHWM") - rss0 + states.params + states.ema
     return Measured(name, steps, img_s, peak, states)
-
-
-@contextmanager
-def cuda_training_settings() -> Iterator[None]:
-    """What the trainer turns on for CUDA (cuDNN autotuning, TF32 matmuls and convolutions), for the timed steps
-    only: the process's settings are restored after."""
-    matmul = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=True):
-            yield
-    finally:
-        torch.set_float32_matmul_precision(matmul)
 
 
 def _bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -271,11 +258,11 @@ def print_plan(cfg, measure_steps: int = 0) -> Dict[str, Any]:
         rows += [
             ("memory / GPU", f"activations unknown: --measure runs a few steps to measure them"),
             ("ASSUMED device", f"{p['peak_tflops']:.0f} TFLOP/s peak x {p['utilization']:.0%} utilisation "
-                               f"(plan_peak_tflops, plan_utilization; not measured: --measure on the target GPU)"),
+                               f"(plan.peak_tflops, plan.utilization; not measured: --measure on the target GPU)"),
         ]
     else:
         speed = ", ".join(f"{p['img_s'][s]:.1f} img/s at {s} px ({p['achieved_tflops'][s]:.3g} TFLOP/s, "
-                          f"{p['achieved_tflops'][s] / p['peak_tflops']:.1%} of plan_peak_tflops)"
+                          f"{p['achieved_tflops'][s] / p['peak_tflops']:.1%} of plan.peak_tflops)"
                           for s in sorted(p["img_s"]))
         rows += [
             ("measured on", f"{p['device']}: {p['measured_steps']} steps of {r.batch_size} x {r.grad_accum} synthetic "

@@ -36,12 +36,13 @@ def load_run(source: Union[str, Path], ema: bool = False) -> Tuple[Dict[str, tor
                 info["model"] = (f.metadata() or {}).get("model")  # `timm_optdnn.training.export` records it
         return load_state_dict(str(source)), info
     if source.is_dir():
-        from .export import client_state, export_state_dict
-        state = client_state(source)
-        recipe = source / "config.yaml"  # the trainer saves the effective config in the run dir
+        from .export import export_state_dict
+        from .run_dir import RunDir
+        run = RunDir(source)
+        state = run.client_state()
         return export_state_dict(source, ema=ema), dict(
             model=state.get("model"), model_args=dict(state.get("model_kwargs") or {}, num_classes=state["num_classes"]),
-            recipe=recipe.read_text() if recipe.is_file() else None)
+            recipe=run.config.read_text() if run.config.is_file() else None)
     raise FileNotFoundError(f"no checkpoint at {source}")
 
 
