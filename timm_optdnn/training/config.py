@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # a link to the repo's configs/, in a wheel a copy
 
 
 class ConfigError(ValueError):
