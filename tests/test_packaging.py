@@ -1,6 +1,8 @@
 """The package as a user installs it: a wheel built from this checkout, installed outside it without network, its
 console scripts, its configs and shipped weights; imports flowing one way (the library never loads the trainer)."""
+import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,8 +40,8 @@ def install(wheel: Path, target: Path) -> dict:
     return dict(os.environ, PYTHONPATH=str(target), HF_HUB_OFFLINE="1")
 
 
-def run(args, env, cwd, timeout=300) -> subprocess.CompletedProcess:
-    r = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def run(args, env, cwd, timeout=300, shell=False) -> subprocess.CompletedProcess:
+    r = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, shell=shell)
     assert r.returncode == 0, (args, r.stdout[-2000:], r.stderr[-3000:])
     return r
 
@@ -95,10 +97,7 @@ def test_installed_commands_run_from_outside_the_checkout(installed):
     r = run([str(target / "bin" / "optdnn-hub"), "download", "optdnn_gd_convnext_iso_fm.fmnist"], env, cwd)
     assert f"optdnn_gd_convnext_iso_fm.fmnist: {target}/timm_optdnn/weights/" in r.stdout
 
-    # the recipes and DeepSpeed configs come from the wheel (the plan resolves the ZeRO config as training does)
-    recipe = target / "timm_optdnn" / "configs" / "optdnn_apg2_vit_s.yaml"
-    r = run([str(target / "bin" / "optdnn-train"), "--config", str(recipe), "--plan"], env, cwd)
-    assert "optdnn_apg2_vit_s" in r.stdout and "wall time" in r.stdout
+    # the recipes and DeepSpeed configs are the wheel's (the documented `--plan` runs from them below)
     r = run([sys.executable, "-c", "from timm_optdnn.training.config import CONFIG_DIR; print(CONFIG_DIR)"], env, cwd)
     assert Path(r.stdout.strip()) == target / "timm_optdnn" / "configs"
     assert (target / "timm_optdnn" / "configs" / "deepspeed" / "zero3.json").is_file()
@@ -128,3 +127,89 @@ def test_the_library_never_imports_the_trainer_or_the_tools():
     forbidden = [m for m in loaded if m.split(".")[0] in ("deepspeed", "experiments", "tools", "train")
                  or m.startswith("timm_optdnn.training")]
     assert not forbidden, forbidden
+
+
+# ------------------------------------------------------------------------------------ the documented commands
+
+DOCS = ("README.md", "docs/weights.md", "docs/method.md")
+
+
+def makefile_var(name: str) -> str:
+    return re.search(rf"^{name}\s*:=\s*(.+)$", (ROOT / "Makefile").read_text(), re.M).group(1).strip()
+
+
+ELSEWHERE = {  # commands the docs show that this test does not run, and what runs them instead
+    "pip install timm-optdnn": "the wheel built and installed above (no package index on the test machines)",
+    'pip install "timm-optdnn[data,train]"': "the same, with the extras already in the venv",
+    "conda install -c conda-forge libjpeg-turbo opencv pkg-config compilers": "nothing: no conda here (the docs say so)",
+    "make demo": "make demo",
+    "make test": "make test",
+    f"python {makefile_var('MODEL_BENCH')}": "make benchmarks",
+    f"python {makefile_var('LOADER_BENCH')}": "make benchmarks",
+}
+
+
+def documented(doc: str):
+    """(language, code) of every fenced block and every indented command in a doc, in order."""
+    text = (ROOT / doc).read_text()
+    for m in re.finditer(r"^```(\w+)\n(.*?)^```|^    ((?:python -m|optdnn-|make )[^\n]*)$", text, re.S | re.M):
+        yield (m.group(1), m.group(2)) if m.group(1) else ("sh", m.group(3) + "\n")
+
+
+def commands(code: str):
+    """Shell lines of a block: comments dropped, continuations joined."""
+    for line in code.replace("\\\n", " ").splitlines():
+        if line := line.split("  #", 1)[0].strip():
+            yield re.sub(r"\s+", " ", line)
+
+
+def serve_deit_small(tmp: Path):
+    """A loopback Hugging Face hub holding a (random) DeiT-S in timm's layout, as the docs' ViT tags fetch it."""
+    import timm
+    from safetensors.torch import save_file
+    from test_hub import Server
+    save_file(timm.create_model("deit_small_patch16_224").state_dict(), str(tmp / "deit_s.safetensors"))
+    body = (tmp / "deit_s.safetensors").read_bytes()
+    server = Server()
+    server.serve("timm/deit_small_patch16_224.fb_in1k/resolve/main/model.safetensors", body,
+                 **{"X-Repo-Commit": "0" * 40, "ETag": f'"{hashlib.sha256(body).hexdigest()}"'})
+    return server
+
+
+@pytest.mark.timeout(900)
+def test_every_documented_command_runs_as_shown(installed, tmp_path):
+    """Each Python block of the docs runs, and each shell command runs verbatim with the installed scripts, in a
+    folder holding what the docs assume (configs/, image.png, model.safetensors); or is listed in ELSEWHERE."""
+    import numpy as np
+    from PIL import Image
+    _, target, env, _ = installed
+    server = serve_deit_small(tmp_path)
+    env = dict(env, PATH=f"{target / 'bin'}{os.pathsep}{env['PATH']}", HF_ENDPOINT=server.url,
+               HF_HUB_CACHE=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"), HF_HUB_DISABLE_TELEMETRY="1")
+    env.pop("HF_HUB_OFFLINE")
+    cwd = tmp_path / "user"
+    cwd.mkdir()
+    (cwd / "configs").symlink_to(ROOT / "configs")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30), dtype=np.uint8), "L").save(cwd / "image.png")
+    shipped = ROOT / "timm_optdnn" / "weights" / "optdnn_gd_convnext_iso_fm.fmnist"
+    shutil.copy(next(shipped.glob("model-*.safetensors")), cwd / "model.safetensors")
+    outputs = {}
+    try:
+        for doc in DOCS:
+            for lang, code in documented(doc):
+                if lang == "python":
+                    run([sys.executable, "-c", code], env, cwd)
+                    continue
+                for command in commands(code):
+                    if command not in ELSEWHERE:
+                        outputs[command] = run(command, env, cwd, timeout=600, shell=True).stdout
+    finally:
+        server.httpd.shutdown()
+    # the README's model table is what `optdnn-flops` prints
+    printed = {cells[0]: cells[2:4] for line in outputs["optdnn-flops"].splitlines()
+               if (cells := [c.strip() for c in line.strip("|").split("|")])}
+    rows = re.findall(r"^\| `(\w+)` \|(?: [^|]+ \|){3} ([\d.]+) \| ([\d.]+) \|", (ROOT / "README.md").read_text(), re.M)
+    assert len(rows) == 6, rows
+    for size, params, gflops in rows:
+        for scheme in ("gd", "apg2"):
+            assert printed[f"optdnn_{scheme}_{size}"] == [params, gflops], (size, scheme)
