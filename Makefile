@@ -45,7 +45,8 @@ MODEL_BENCH  := -m timm_optdnn.training.benchmark vit_ti convnext_iso_s vit_s --
 LOADER_BENCH := -m tools.loader_benchmark --images 1000 --workers 2 --epochs 2 --repeats 3
 benchmarks: $(STAMP)
 	{ printf '# Benchmarks\n\nWritten by `make benchmarks`; every table below follows the command that printed it.\n\n'; \
-	  echo "Machine: $$(lscpu | sed -n 's/^Model name: *//p'), $$(nproc) cores, torch $$($(PY) -c 'import torch; print(torch.__version__)')."; \
+	  echo "Machine: $$(lscpu | sed -n 's/^Model name: *//p'), $$(nproc) cores," \
+	       "torch $$($(PY) -c 'import torch; print(torch.__version__)')."; \
 	  echo; $(PY) $(MODEL_BENCH); echo; $(PY) $(LOADER_BENCH); } > docs/benchmarks.md.part
 	mv docs/benchmarks.md.part docs/benchmarks.md
 

@@ -60,7 +60,7 @@ def installed(tmp_path_factory):
 def test_the_wheel_holds_one_package_with_its_configs_and_weights(installed):
     wheel, *_ = installed
     names = zipfile.ZipFile(wheel).namelist()
-    assert {n.split("/")[0] for n in names} == {"timm_optdnn", wheel.name.split("-py")[0].split("-cp")[0] + ".dist-info"}
+    assert {n.split("/")[0] for n in names} == {"timm_optdnn", "-".join(wheel.name.split("-")[:2]) + ".dist-info"}
     recipes = {Path(n).name for n in names if n.startswith("timm_optdnn/configs/")}
     assert {p.name for p in (ROOT / "configs").rglob("*") if p.suffix in (".yaml", ".json")} == recipes
     weights = {n for n in names if n.startswith("timm_optdnn/weights/")}
@@ -141,7 +141,7 @@ def makefile_var(name: str) -> str:
 ELSEWHERE = {  # commands the docs show that this test does not run, and what runs them instead
     "pip install timm-optdnn": "the wheel built and installed above (no package index on the test machines)",
     'pip install "timm-optdnn[data,train]"': "the same, with the extras already in the venv",
-    "conda install -c conda-forge libjpeg-turbo opencv pkg-config compilers": "nothing: no conda here (the docs say so)",
+    "conda install -c conda-forge libjpeg-turbo opencv pkg-config compilers": "none: no conda here (said in the docs)",
     "make demo": "make demo",
     "make test": "make test",
     f"python {makefile_var('MODEL_BENCH')}": "make benchmarks",
