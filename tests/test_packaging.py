@@ -70,8 +70,8 @@ def test_the_wheel_holds_one_package_with_its_configs_and_weights(installed):
 @pytest.mark.timeout(600)
 def test_every_console_script_answers_help_with_nothing_on_stderr(installed):
     _, target, env, cwd = installed
-    for script in SCRIPTS:
-        r = run([str(target / "bin" / script), "--help"], env, cwd)
+    for script, *sub in [(s,) for s in SCRIPTS] + [("optdnn-hub", "publish"), ("optdnn-hub", "download")]:
+        r = run([str(target / "bin" / script), *sub, "--help"], env, cwd)
         assert r.stdout.startswith("usage: ") and r.stderr == "", (script, r.stderr)
         helpless = [line for line in r.stdout.splitlines() if line.strip().startswith("--") and "  " not in
                     line.strip() and not r.stdout.split(line, 1)[1].lstrip("\n").startswith(" " * 10)]
