@@ -213,3 +213,14 @@ def test_every_documented_command_runs_as_shown(installed, tmp_path):
     for size, params, gflops in rows:
         for scheme in ("gd", "apg2"):
             assert printed[f"optdnn_{scheme}_{size}"] == [params, gflops], (size, scheme)
+
+
+HISTORY = re.compile(r"DESIGN\.md|\bsessions?\b|\bissues? #?\d|\b20\d\d-\d\d-\d\d\b|\b(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b",
+                     re.I)
+
+
+def test_the_product_docs_carry_no_history():
+    """No dates, sessions, issue numbers, commit hashes or design notes users do not have: history lives in git."""
+    pages = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "timm_optdnn" / "weights").glob("*/README.md")]
+    found = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in pages for m in HISTORY.finditer(p.read_text())]
+    assert not found, found
