@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import urllib.parse
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -87,13 +88,8 @@ def check_weights(path: PathLike, name: str) -> Path:
         except Exception as e:  # safetensors raises several types for a bad header
             raise fail(f"is not a complete safetensors file ({_reason(e)})") from e
     else:
-        try:
-            try:  # mmap: reads the zip directory and the pickle, not the tensor data
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                state = torch.load(path, map_location="cpu", weights_only=True)  # the pre-zip format: read in full
+        try:  # a zip checkpoint is mapped: its directory and pickle are read, not the tensor data
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except Exception as e:
             raise fail(f"is not a complete torch checkpoint ({_reason(e)})") from e
         n = len(state) if isinstance(state, dict) else 0
