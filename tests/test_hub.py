@@ -513,6 +513,18 @@ def test_convnext_tag_loads_the_official_checkpoint_from_the_torch_hub_cache(tmp
 
 # ------------------------------------------------------------------------------------- shipped weights
 
+def test_a_grey_image_through_the_documented_preprocessing(tmp_path):
+    """docs/weights.md's preprocessing: grey images go in as RGB to the 3-channel tag, and straight to the same tag
+    built with in_chans=1 (timm folds the stem over the channels): the two agree."""
+    code = re.search(r"## Preprocessing.*?```python\n(.*?)```", (Path(__file__).parents[1] / "docs" / "weights.md")
+                     .read_text(), re.S).group(1)
+    with offline():
+        rgb = run_snippet(code, tmp_path, GREY)
+        grey = run_snippet(code.replace("pretrained=True)", "pretrained=True, in_chans=1)"), tmp_path, GREY)
+    assert rgb["config"]["input_size"] == (3, 28, 28) and grey["config"]["input_size"] == (1, 28, 28)
+    assert torch.allclose(rgb["probs"], grey["probs"], atol=1e-6)
+
+
 SHIPPED = [n for n in timm.list_pretrained("optdnn*") if n.endswith(".fmnist")]
 
 
@@ -535,7 +547,7 @@ def test_shipped_weights_load_offline_and_score_their_model_card(name, fashion_m
     assert model.pretrained_cfg["label_names"][9] == "Ankle boot"
     card = (folder / "README.md").read_text()
     stated = float(re.search(r"\*\*Top-1 accuracy \(%\):\*\* ([0-9.]+)", card).group(1))
-    data = timm.data.resolve_data_config({}, model=model)  # the preprocessing the tag declares, as a user gets it
+    data = timm.data.resolve_input_data_config(model)  # the preprocessing the tag declares, as a user gets it
     _, val = make_loaders(str(fashion_mnist_test), str(fashion_mnist_test), num_classes=model.num_classes,
                           batch_size=1000, num_workers=2, img_size=data["input_size"][-1],
                           crop_pct=data["crop_pct"], mean=data["mean"], std=data["std"])

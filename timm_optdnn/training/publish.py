@@ -35,7 +35,7 @@ import timm, timm_optdnn  # timm_optdnn registers the architecture
 from PIL import Image
 
 model = timm.create_model("local-dir:{folder}", pretrained=True).eval()  # or "hf-hub:<org>/<name>" once pushed
-config = timm.data.resolve_data_config({{}}, model=model)
+config = timm.data.resolve_input_data_config(model)
 transform = timm.data.create_transform(**config)
 image = Image.open("image.png").convert("RGB" if config["input_size"][0] == 3 else "L")  # grey images too
 probs = model(transform(image).unsqueeze(0)).softmax(-1)
