@@ -139,8 +139,8 @@ def makefile_var(name: str) -> str:
 
 
 ELSEWHERE = {  # commands the docs show that this test does not run, and what runs them instead
-    "pip install timm-optdnn": "the wheel built and installed above (no package index on the test machines)",
-    'pip install "timm-optdnn[data,train]"': "the same, with the extras already in the venv",
+    "pip install .": "the wheel built from a copy of the checkout and installed above, offline",
+    'pip install ".[data,train]"': "the same, with the extras already in the venv",
     "conda install -c conda-forge libjpeg-turbo opencv pkg-config compilers": "none: no conda here (said in the docs)",
     "make demo": "make demo",
     "make test": "make test",
