@@ -9,7 +9,7 @@ ENV_PATH := $(PATH)
 # rebuilds (~1 min) whenever a run sees the other one (pip's in the venv, Debian's on the system)
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: setup demo demo-compare test gpu-test timm-suite flops benchmark clean
+.PHONY: setup demo demo-compare test gpu-test timm-suite flops benchmark benchmarks clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,17 @@ flops: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) -m timm_optdnn.training.benchmark
+
+# docs/benchmarks.md: the model and the loader benchmark (~1 h on 2 cores), each printing its table and its command.
+# The README shows these two commands; run on a quiet machine.
+MODEL_BENCH  := -m timm_optdnn.training.benchmark vit_ti convnext_iso_s vit_s --batch-size 32 --img-size 224 --repeats 5
+LOADER_BENCH := -m tools.loader_benchmark --images 1000 --workers 2 --epochs 2 --repeats 3
+benchmarks: $(STAMP)
+	{ printf '# Benchmarks\n\nWritten by `make benchmarks`; every table below follows the command that printed it.\n\n'; \
+	  echo "Machine: $$(lscpu | sed -n 's/^Model name: *//p'), $$(nproc) cores," \
+	       "torch $$($(PY) -c 'import torch; print(torch.__version__)')."; \
+	  echo; $(PY) $(MODEL_BENCH); echo; $(PY) $(LOADER_BENCH); } > docs/benchmarks.md.part
+	mv docs/benchmarks.md.part docs/benchmarks.md
 
 clean:
 	rm -rf .venv build *.egg-info

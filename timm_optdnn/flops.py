@@ -1,34 +1,37 @@
 """FLOPs and parameter counts of the OptDNN models (or any timm model), with fvcore.
 
-    python -m timm_optdnn.flops                                   # every optdnn_* model at 224
-    python -m timm_optdnn.flops optdnn_apg2_vit_s vit_small_patch16_224 --img-size 384 --format json
+    optdnn-flops                                           # every optdnn_* model at 224
+    optdnn-flops optdnn_apg2_vit_s vit_small_patch16_224 --img-size 384 --format json
 
-GFLOPs follow the convention of the published figures (DeiT, ConvNeXt): fvcore counts one
-multiply-add as one flop in convolutions, linear layers, matmuls and norms, for one image.
-fvcore has no handle for `F.scaled_dot_product_attention` (timm's fused attention) and would
-silently leave out QK^T and AV (4.25 instead of 4.61 GFLOPs for ViT-S); we count it here.
-Elementwise ops (residual adds, GELU, the scheme's x/z updates, pooling) are left out of the
-published figures; they are counted apart, in `elem_gflops`, so that the cost the OptDNN
-schemes add over their GD twins stays visible instead of vanishing into "ignored ops".
+GFLOPs are fvcore's count, the convention of the published figures (DeiT, ConvNeXt): one multiply-add is one FLOP,
+in convolutions, linear layers, matmuls and norms, for one image. fvcore has no handle for
+`F.scaled_dot_product_attention` (timm's fused attention) and would silently leave out QK^T and AV (4.25 instead of
+4.61 GFLOPs for ViT-S); it is counted here. Elementwise ops (residual adds, GELU, the scheme's updates, pooling) are
+left out of the published figures; they are counted apart, in `elem_gflops`, so that the cost the OptDNN schemes add
+over their GD twins stays visible instead of vanishing into "ignored ops".
 """
 import argparse
 import csv
 import json
 import math
 import sys
+import warnings
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
 import torch.nn as nn
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import elementwise_flop_counter, get_shape
+
+with warnings.catch_warnings():  # fvcore.nn scripts its losses at import, which torch deprecates; we script nothing
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import elementwise_flop_counter, get_shape
 
 import timm_optdnn  # noqa: F401  (registers the optdnn_* models)
 from timm_optdnn.models.schemes import SCHEMES
 
-# DESIGN.md sec. 2: the equal-width baselines each GD twin must reproduce, as published
-# (params in M, GFLOPs at 224). DeiT-Ti is published as 1.3 GFLOPs; 1.26 is its unrounded value.
+# The equal-width baselines each GD twin reproduces, as published (params in M, GFLOPs at 224): DeiT (Touvron et al.
+# 2021) and isotropic ConvNeXt (Liu et al. 2022). DeiT-Ti is published as 1.3 GFLOPs; 1.26 is its unrounded value.
 PUBLISHED: Dict[str, Tuple[str, float, float]] = {
     "vit_ti": ("DeiT-Ti", 5.7, 1.26),
     "vit_s": ("DeiT-S", 22.0, 4.6),
@@ -168,8 +171,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="optdnn-flops", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*", help="timm model names (default: every optdnn_* model)")
-    parser.add_argument("--img-size", type=int, default=224, help="input resolution (default 224)")
-    parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    parser.add_argument("--img-size", type=int, default=224, help="input resolution in pixels (default 224)")
+    parser.add_argument("--format", choices=("table", "json", "csv"), default="table",
+                        help="a Markdown table (default), JSON rows or CSV")
     args = parser.parse_args(argv)
     if args.img_size <= 0:
         parser.error(f"--img-size must be positive, got {args.img_size}")

@@ -121,21 +121,27 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
     }
 
 
-_FMNIST_SHA256 = {  # `make demo` runs published with `python -m timm_optdnn.training.publish publish --hash-name`
+_FMNIST_SHA256 = {  # `make demo` runs published with `optdnn-hub publish --hash-name`
     "apg2": "1d5ea34682298eb6494b0a95c10089b60cd5bd1e50f52801fa3bb35e00c11926",
     "gd": "f5b48a24778bd988fd0224c49206c996d4de9663e572b5c485ce53a9ba9bbacf",
 }
+# The official isotropic ConvNeXt ImageNet-1k weights (EMA), evaluated by their authors at 224 px with a bicubic
+# resize to 256 and a center crop (crop_pct 0.875), ImageNet mean / std. No hash is published for them.
+_FB_IN1K = {size: f"https://dl.fbaipublicfiles.com/convnext/convnext_iso_{name}_1k_224_ema.pth"
+            for size, name in (("s", "small"), ("b", "base"), ("l", "large"))}
 
 _FM_CFG = dict(num_classes=10, input_size=(3, 28, 28), pool_size=(7, 7), crop_pct=1.0, interpolation="bilinear",
                mean=(0.2860,) * 3, std=(0.3530,) * 3)
 
 default_cfgs = generate_default_cfgs({
-    **{f"optdnn_{scheme}_convnext_iso_{size}": _cfg() for scheme in ("apg2", "gd") for size in ("s", "b", "l")},
+    # the baseline's weights: the gd twin is that network; the apg2 model starts as it (gd-equivalent scheme
+    # coefficients), for fine-tuning
+    **{f"optdnn_{scheme}_convnext_iso_{size}.{tag}": _cfg(url=url)
+       for size, url in _FB_IN1K.items() for scheme, tag in (("gd", "fb_in1k"), ("apg2", "fb_in1k_warmstart"))},
     # the Fashion-MNIST demo size (make demo): 28x28 grey stored as RGB, its own mean / std. Its .fmnist weights
-    # ship in the package (timm_optdnn/weights/<tag>/, model card beside them); the sha256 in the file name is
-    # checked before loading
+    # ship in the package (timm_optdnn/weights/<tag>/, model card and class names beside them)
     **{f"optdnn_{scheme}_convnext_iso_fm.fmnist": _cfg(
-        **_FM_CFG, file=shipped(f"optdnn_{scheme}_convnext_iso_fm.fmnist/model-{sha}.safetensors"))
+        **_FM_CFG, **shipped(f"optdnn_{scheme}_convnext_iso_fm.fmnist", sha))
        for scheme, sha in _FMNIST_SHA256.items()},
 })
 default_cfgs.update(generate_default_cfgs({  # the scheme-neutral names (no weights)

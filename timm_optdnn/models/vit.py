@@ -180,8 +180,12 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
     }
 
 
+# the baseline's weights (timm's DeiT on the Hugging Face hub, with DeiT's preprocessing): the gd twin is that
+# network; the apg2 model starts as it (gd-equivalent scheme coefficients), for fine-tuning
 default_cfgs = generate_default_cfgs({
-    f"optdnn_{scheme}_vit_{size}": _cfg() for scheme in ("apg2", "gd") for size in ("ti", "s", "b")
+    f"optdnn_{scheme}_vit_{size}.{tag}": _cfg(hf_hub_id=f"timm/deit_{deit}_patch16_224.fb_in1k", crop_pct=0.9)
+    for size, deit in (("ti", "tiny"), ("s", "small"), ("b", "base"))
+    for scheme, tag in (("gd", "fb_in1k"), ("apg2", "fb_in1k_warmstart"))
 })
 default_cfgs.update(generate_default_cfgs({f"optdnn_vit_{size}": _cfg() for size in ("ti", "s", "b")}))
 

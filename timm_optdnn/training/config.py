@@ -23,7 +23,7 @@ import yaml
 
 from timm_optdnn.data import DataConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # a link to the repo's configs/, in a wheel a copy
 AUTOCAST_DTYPES = dict(bf16="bfloat16", fp16="float16")  # dist.precision -> DeepSpeed torch_autocast dtype
 
 
