@@ -31,7 +31,7 @@ from timm_optdnn.models.schemes import SCHEMES, init_coefficients
 from .common import COLORS, SEEDS, save_figure, summary_table, write_csv
 
 NAME = "fmnist_schemes"
-MODEL = "optdnn_apg2_convnext_iso_fm"
+MODEL = "optdnn_convnext_iso_fm"  # the scheme-neutral name: model.kwargs picks the scheme
 RECIPE = CONFIG_DIR / "demo.yaml"
 FULL = dict(seeds=SEEDS[:3], subset=0.5, test_subset=None)
 QUICK = dict(seeds=SEEDS[:1], subset=0.02, test_subset=0.05)
@@ -112,14 +112,14 @@ def plot(rows: List[Dict[str, Any]]) -> plt.Figure:
     ax_acc.set_xticks(range(len(SCHEMES)), SCHEMES)
     ax_acc.set_ylabel("test top-1 (%)")
     ax_acc.set_title(f"{rows[0]['epochs']} epoch(s) on {rows[0]['train_images']} images")
-    for ax, schemes, name in ((ax_t, ("apg2",), "t_k"), (ax_m, ("hb", "nag"), "m_k")):
+    for ax, schemes, name in ((ax_t, ("apg2",), "b_k"), (ax_m, ("hb", "nag"), "b_k")):
         for scheme in schemes:
             learned = [[float(c) for c in r["coef"].split()] for r in rows if r["scheme"] == scheme]
             for j, coef in enumerate(learned):
                 ax.plot(range(len(coef)), coef, "o-", ms=3, color=COLORS[scheme], alpha=0.7,
                         label=scheme if j == 0 else None)
-            depth = len(learned[0])
-            ax.plot(range(depth), init_coefficients(scheme, depth).tolist(), "--", color=COLORS[scheme], lw=1,
+            n = len(learned[0])  # one momentum between consecutive blocks
+            ax.plot(range(n), init_coefficients(scheme, n + 1).tolist(), "--", color=COLORS[scheme], lw=1,
                     label=f"{scheme} at init")
         ax.set_xlabel("block k")
         ax.set_ylabel(f"learned {name}")

@@ -21,6 +21,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import timm_optdnn  # noqa: F401  registers the models
+from timm_optdnn.models.schemes import SCHEMES
 from timm_optdnn.pretrained import PretrainedWeightsError, expected_sha256, sha256_file
 from timm_optdnn.training.publish import HERE, main
 
@@ -34,7 +35,8 @@ NO_SOURCE = dict(hf_hub_id=None, url=None, file=None)  # a cfg overlay that leav
 
 
 def tiny(arch: str = ARCH, **kw) -> torch.nn.Module:
-    return timm.create_model(arch, **{**dict(FAMILIES.values())[arch], **kw}).eval()
+    """A family's toy size under its apg2 or gd name."""
+    return timm.create_model(arch, **{**dict(FAMILIES.values())[arch.replace("_gd_", "_apg2_")], **kw}).eval()
 
 
 def with_file(arch: str, path, **kw) -> torch.nn.Module:
@@ -263,7 +265,7 @@ def test_publish_bad_inputs_exit_with_one_line(trained, tmp_path, capsys):
         (["--model", ARCH, "--model-args", "dim=48", "depth=3", "patch_size=8", "num_classes=5"],
          export, r"does not fit optdnn_apg2_convnext_iso_s.*dim.*48"),
         (["--model", ARCH], tmp_path / "missing.safetensors", r"missing.safetensors does not exist"),
-        (["--model", ARCH], tmp_path, r"no 'latest' file"),
+        (["--model", ARCH], tmp_path, r"has no intact checkpoint \(none was saved\)"),
     ]
     for args, source, message in cases:
         with pytest.raises(SystemExit) as e:
@@ -348,13 +350,13 @@ def official_checkpoint(model: torch.nn.Module) -> bytes:
 
 
 def from_url(url: str, cache: Path, scheme: str = "apg2") -> torch.nn.Module:
-    return tiny(ARCH, scheme=scheme, pretrained=True, cache_dir=cache,
+    return tiny(ARCH.replace("apg2", scheme), pretrained=True, cache_dir=cache,
                 pretrained_cfg_overlay=dict(NO_SOURCE, url=url, num_classes=5))
 
 
 @pytest.mark.timeout(60)
 def test_url_download_checks_caches_and_reuses(server, tmp_path):
-    gd = tiny(ARCH, scheme="gd")
+    gd = tiny(ARCH.replace("apg2", "gd"))
     body = official_checkpoint(gd)
     url = server.serve("convnext/iso_tiny_1k_ema.pth", body)  # no hash in the name, as the official files
     cache = tmp_path / "cache"
@@ -394,7 +396,7 @@ def failing_urls(server: Server, body: bytes) -> Dict[str, Tuple[str, str]]:
 
 @pytest.mark.timeout(60)
 def test_every_download_failure_names_model_and_url_and_leaves_no_cache_file(server, tmp_path):
-    body = official_checkpoint(tiny(ARCH, scheme="gd"))
+    body = official_checkpoint(tiny(ARCH.replace("apg2", "gd")))
     for case, (url, why) in failing_urls(server, body).items():
         cache = tmp_path / case.replace(" ", "_")
         with pytest.raises(PretrainedWeightsError) as e:
@@ -412,11 +414,15 @@ def all_cfgs():
 
 def test_every_tag_has_weights_a_license_and_preprocessing():
     cfgs = all_cfgs()
-    assert set(timm.list_pretrained("optdnn*")) == set(cfgs)
+    weighted = {name for name, cfg in cfgs.items() if cfg.file or cfg.url or cfg.hf_hub_id}
+    assert set(timm.list_pretrained("optdnn*")) == weighted
+    # only the scheme-neutral names (optdnn_vit_s, built with scheme=...) come without weights
+    assert sorted(n.split(".")[0] for n in set(cfgs) - weighted) == sorted(
+        n for n in timm.list_models("optdnn_*") if n.split("_")[1] not in SCHEMES)
     for name, cfg in cfgs.items():
         assert cfg.license and cfg.paper_ids and cfg.num_classes > 0 and len(cfg.input_size) == 3, name
         assert cfg.crop_pct and len(cfg.mean) == len(cfg.std) == cfg.input_size[0], name
-        assert bool(cfg.file) + bool(cfg.url) + bool(cfg.hf_hub_id) == 1, name
+        assert bool(cfg.file) + bool(cfg.url) + bool(cfg.hf_hub_id) == (name in weighted), name
         assert not cfg.file or Path(cfg.file).is_file() and expected_sha256(cfg.file), f"{name}: {cfg.file}"
 
 

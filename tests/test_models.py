@@ -83,8 +83,8 @@ class Lin(nn.Module):
 
 
 def hand_loop(scheme, branches, b, x):
-    """DESIGN.md section 1, transcribed literally: hb/nag with m_{k+1} = b_k (m_0 multiplies x_0 - x_{-1} = 0), apg2 in
-    its division-free state (y, e)."""
+    """docs/method.md's equations, transcribed literally: hb/nag with m_{k+1} = b_k (m_0 multiplies
+    x_0 - x_{-1} = 0), apg2 in its division-free state (y, e)."""
     m = [0.0] + list(b)
     x_prev, y, e = x, x, torch.zeros_like(x)
     for k, f in enumerate(branches):
@@ -455,7 +455,7 @@ def test_apg2_checkpoint_into_gd_is_refused(tmp_path):
 
 def test_pretrained_without_weights_is_timms_clear_error():
     with pytest.raises(RuntimeError, match="No pretrained weights exist"):
-        timm.create_model("optdnn_apg2_vit_s", pretrained=True)
+        timm.create_model("optdnn_vit_ti", pretrained=True)  # the scheme-neutral names have none
 
 
 def test_a_name_never_disagrees_with_its_scheme():

@@ -73,7 +73,8 @@ def test_every_console_script_answers_help_with_nothing_on_stderr(installed):
     for script, *sub in [(s,) for s in SCRIPTS] + [("optdnn-hub", "publish"), ("optdnn-hub", "download")]:
         r = run([str(target / "bin" / script), *sub, "--help"], env, cwd)
         assert r.stdout.startswith("usage: ") and r.stderr == "", (script, r.stderr)
-        helpless = [line for line in r.stdout.splitlines() if line.strip().startswith("--") and "  " not in
+        # an option's own line starts with two spaces (a wrapped help text is indented further)
+        helpless = [line for line in r.stdout.splitlines() if re.match(r"  --?\w", line) and "  " not in
                     line.strip() and not r.stdout.split(line, 1)[1].lstrip("\n").startswith(" " * 10)]
         assert not helpless, (script, helpless)  # every option has a help text (on its line or the next)
 

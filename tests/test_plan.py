@@ -1,5 +1,6 @@
 """--plan and --plan --measure: the plan's arithmetic from a given measurement, and a real measurement of a tiny
 recipe on this machine's device (CPU here, the GPU where there is one)."""
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from timm_optdnn.training.config import load_config
-from timm_optdnn.training.plan import Measured, States, measure, plan, recipe
+from timm_optdnn.training.plan import Measured, States, plan
 
 ROOT = Path(__file__).resolve().parent.parent
 # the demo recipe at tiny width, progressive resizing 20 -> 28 px, EMA on: two resolutions, every state counted
@@ -48,19 +49,30 @@ def test_assumed_plan_is_the_labelled_fallback(fmnist_betons):
     assert p["wall_h"] * 3600 == pytest.approx(seconds)
 
 
+MEASURE = """import json, sys
+from timm_optdnn.training.config import load_config
+from timm_optdnn.training.plan import measure, recipe
+m = measure(recipe(load_config(sys.argv[1], sys.argv[2:])), steps=2, warmup=1)
+print(json.dumps(dict(img_s=m.img_s, peak=m.peak_bytes, states=m.states, activations=m.activation_bytes,
+                      device=m.device)))"""
+
+
 @pytest.mark.timeout(300)
 def test_measure_runs_the_recipe_steps_on_this_device():
     """A real measurement: both resolutions timed; the model states it reports are exactly the tensors of
-    AdamW training with an EMA copy (weights, gradients, two moments, EMA: 5 x 4 bytes per parameter)."""
+    AdamW training with an EMA copy (weights, gradients, two moments, EMA: 5 x 4 bytes per parameter). In a fresh
+    process: on CPU the peak is the growth of the resident memory, which a process that freed memory before hides."""
     import timm
-    r = recipe(tiny())
-    m = measure(r, steps=2, warmup=1)
-    assert set(m.img_s) == {20, 28} and all(v > 0 for v in m.img_s.values())
-    tensors = list(timm.create_model(r.model, num_classes=10, **r.model_kwargs).parameters())
+    r = subprocess.run([sys.executable, "-c", MEASURE, str(ROOT / "configs" / "demo.yaml"), *TINY], cwd=ROOT,
+                       capture_output=True, text=True, timeout=280, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads(r.stdout)
+    assert set(m["img_s"]) == {"20", "28"} and all(v > 0 for v in m["img_s"].values())
+    tensors = list(timm.create_model("optdnn_apg2_convnext_iso_fm", num_classes=10, dim=32, depth=3).parameters())
     params = sum(p.numel() for p in tensors)
-    assert m.states == States(4 * params, 4 * params, 8 * params + 4 * len(tensors), 4 * params)  # + AdamW's steps
-    assert m.peak_bytes > sum(m.states) and m.activation_bytes > 0
-    assert m.device.startswith("cpu" if not torch.cuda.is_available() else "NVIDIA")
+    assert m["states"] == [4 * params, 4 * params, 8 * params + 4 * len(tensors), 4 * params]  # + AdamW's steps
+    assert m["peak"] > sum(m["states"]) and m["activations"] > 0
+    assert m["device"].startswith("cpu" if not torch.cuda.is_available() else "NVIDIA")
 
 
 @pytest.mark.timeout(300)
@@ -78,7 +90,7 @@ def test_cli_plan_measure(fmnist_betons):
 
 
 def test_cuda_training_settings_are_restored():
-    from timm_optdnn.training.plan import cuda_training_settings
+    from timm_optdnn.training.trainer import cuda_training_settings
     before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark)
     with cuda_training_settings():
         assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark) == ("high", True)

@@ -57,7 +57,8 @@ def _elementwise(kind: str):
     return lambda inputs, outputs: {"elementwise": count(inputs, outputs)}
 
 
-ELEMENTWISE_OPS = ("add", "add_", "sub", "rsub", "mul", "mul_", "div", "addcmul", "addcdiv", "gelu", "softmax", "mean")
+ELEMENTWISE_OPS = ("add", "add_", "sub", "rsub", "mul", "mul_", "div", "addcmul", "addcdiv", "lerp", "gelu", "softmax",
+                  "mean")
 
 
 class FlopCount(NamedTuple):

@@ -147,14 +147,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sizes", nargs="*", default=["vit_ti", "convnext_iso_s"],
                         help=f"model sizes, each run as optdnn_gd_<size> and optdnn_apg2_<size>: {', '.join(SIZES)}")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--batch-size", type=int, default=32, help="images per training step (default 32)")
+    parser.add_argument("--img-size", type=int, default=224, help="square input size in px (default 224)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="eager, compiled (torch.compile, inductor) or both (default)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved gd/apg2 rounds; the median is reported")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per model and round")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda[:N] (bf16 autocast)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU (default: torch's)")
-    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.add_argument("--format", choices=("table", "json"), default="table",
+                        help="a markdown table with its command (default), or JSON rows")
     args = parser.parse_args(argv)
     for flag in ("batch_size", "img_size", "repeats", "steps", "threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from timm.models import load_state_dict, save_for_hf
 
 from ..pretrained import WEIGHT_SUFFIXES, PretrainedWeightsError, check_weights, download, sha256_file
+from .run_dir import CheckpointError, RunDir
 
 PAPER = "doi:10.1109/TPAMI.2024.3380007"
 CITATION = """@article{wu2024optdnn,
@@ -49,7 +50,6 @@ def load_run(source: Union[str, Path], ema: bool = False) -> Tuple[Dict[str, tor
     source = Path(source)
     if source.is_dir():
         from .export import export_state_dict
-        from .run_dir import RunDir
         run = RunDir(source)
         state = run.client_state()
         return export_state_dict(source, ema=ema), dict(
@@ -265,7 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     a = build_parser().parse_args(argv)
     try:
         run_publish(a) if a.cmd == "publish" else run_download(a.tags)
-    except (PretrainedWeightsError, ValueError, OSError) as e:  # bad inputs, missing files, no network
+    except (PretrainedWeightsError, CheckpointError, ValueError, OSError) as e:  # bad inputs, files, no network
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from e
 
