@@ -8,7 +8,8 @@ both modules FEAT_INTER_FILTERS (forward_intermediates, pruning, features_only t
 nothing else in the suite is changed. By default it runs the apg2/gd pairs of the sizes below (~8 min on 2 idle
 cores); the larger sizes run the same code at other widths and depths, and timm's pruning contract test alone
 takes ~15 min for ViT-B and ~30 min for ConvNeXt-iso-L here: `-k optdnn_apg2_vit_b` picks any. The scheme-neutral
-names (optdnn_vit_s, ...) build the same classes as the named pairs.
+names (optdnn_vit_s, ...) build the same classes as the named pairs. By default timm's two tests that download
+pretrained weights are left out (NEEDS_NETWORK).
 """
 import subprocess
 import sys
@@ -22,8 +23,12 @@ LISTS = {  # timm's list -> the entries for our models, inserted at its head
     "NON_STD_FILTERS": ["optdnn_*vit_*"],
     "FEAT_INTER_FILTERS": ["vit", "convnext_iso"],  # module names: timm_optdnn.models.vit, .convnext_iso
 }
-DEFAULT_SELECTION = " or ".join(f"optdnn_{scheme}_{size}" for scheme in ("apg2", "gd")
-                               for size in ("vit_ti", "convnext_iso_s", "convnext_iso_fm"))
+PAIRS = " or ".join(f"optdnn_{scheme}_{size}" for scheme in ("apg2", "gd")
+                    for size in ("vit_ti", "convnext_iso_s", "convnext_iso_fm"))
+# they download the pretrained tags' weights (Hugging Face hub, dl.fbaipublicfiles.com): run them with your own -k
+# where the network reaches those; the loading itself is tested offline in tests/test_hub.py
+NEEDS_NETWORK = ("test_model_load_pretrained", "test_model_features_pretrained")
+DEFAULT_SELECTION = f"({PAIRS}) and not ({' or '.join(NEEDS_NETWORK)})"
 
 
 def fetch_suite() -> Path:
