@@ -321,7 +321,7 @@ def report(rows: List[Dict[str, Any]], spec: Dict[str, Any], stats: Dict[str, An
         for (a, L), c in stats["comparisons"][metric].items():
             wins = c["below"] if better < 0 else c["above"]
             lines.append(f"| {a} | {L} | {_ci(c)} | {wins}/{c['n']} | {c['p']:.4f} | {c['p_holm']:.4f} |")
-    lines += ["", "## Learned coefficients (hb: m_k; apg2: b_k) and prox gates", "",
+    lines += ["", "## Learned coefficients (b_k, one between consecutive blocks) and prox gates", "",
               "| arm | depth | mean coefficient (first / middle / last block) | above 1 (of all, over seeds) "
               "| mean prox gate |", "|---|---:|---|---:|---:|"]
     for a in arms[1:]:
@@ -330,8 +330,8 @@ def report(rows: List[Dict[str, Any]], spec: Dict[str, Any], stats: Dict[str, An
             gates = [float(g) for r in runs[(a, L)] for g in r["prox"].split()]
             gate = f"{statistics.fmean(gates):.3f}" if gates else "–"
             above = sum(r["coef_above_1"] for r in runs[(a, L)])
-            lines.append(f"| {a} | {L} | {coefs[0]:.3f} / {coefs[L // 2]:.3f} / {coefs[-1]:.3f} "
-                         f"| {above} of {L * len(runs[(a, L)])} | {gate} |")
+            lines.append(f"| {a} | {L} | {coefs[0]:.3f} / {coefs[len(coefs) // 2]:.3f} / {coefs[-1]:.3f} "
+                         f"| {above} of {coefs.size * len(runs[(a, L)])} | {gate} |")
     return "\n".join(lines) + "\n"
 
 
