@@ -417,6 +417,17 @@ print(json.dumps(dict(found=found, after=after, setup=settings(), n=n)))
     assert out["setup"]["opencv"] == 1 and not out["setup"]["big_blocks_mapped"]
 
 
+def test_setup_process_first_keeps_torch_and_numba_threads():
+    """setup_process() as a process's first data call (the model benchmark's): loading OpenCV through FFCV's import
+    must not leave FFCV's thread counts behind."""
+    script = ("import numba, torch; torch.set_num_threads(2); numba.set_num_threads(2)\n"
+              "from timm_optdnn.data import setup_process; setup_process()\n"
+              "print(torch.get_num_threads(), numba.get_num_threads())")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-2:] == ["2", "2"]
+
+
 @pytest.mark.timeout(240)
 def test_device_feed_path_on_the_cpu(fmnist, monkeypatch):
     """The pipelines a CUDA device gets (stages writing into FFCV's buffers, FFCV's ToDevice last), run with the CPU

@@ -102,9 +102,10 @@ def reference(fmnist_betons, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plain(fmnist_betons, tmp_path_factory):
-    """PLAIN, ZeRO-1, batch 32, no accumulation: 2 epochs of 18 steps."""
+    """PLAIN, ZeRO-1, batch 32, no accumulation: 2 epochs of 18 steps, evaluated after the 2nd only."""
     out = tmp_path_factory.mktemp("plain")
-    r = run(deepspeed_cmd(*PLAIN, *fmnist_betons, "dist.zero_stage=1", f"run.out_dir={out}"))
+    r = run(deepspeed_cmd(*PLAIN, *fmnist_betons, "dist.zero_stage=1", "run.eval_every_epochs=2",
+                          f"run.out_dir={out}"))
     assert r.returncode == 0, r.log[-3000:]
     return out
 
@@ -137,6 +138,14 @@ def test_zero2_run_logs_evaluates_and_keeps_last_checkpoints(reference):
     assert log.count("scheme coefficients: ") == 2
 
 
+def test_summary_keeps_its_columns_when_an_epoch_is_not_evaluated(plain):
+    with RunDir(plain).summary.open() as f:
+        header, *rows = list(csv.reader(f))
+    assert len(rows) == 2 and all(len(r) == len(header) for r in rows)
+    first, second = (dict(zip(header, r)) for r in rows)
+    assert first["eval_top1"] == "" and 0 <= float(second["eval_top1"]) <= 100
+
+
 @pytest.mark.timeout(120)
 def test_export_reload_matches_training_eval(reference, fmnist_betons, tmp_path):
     import timm
@@ -145,7 +154,8 @@ def test_export_reload_matches_training_eval(reference, fmnist_betons, tmp_path)
     from timm_optdnn.training.trainer import evaluate
     out, *_ = reference
     last = json.loads((out / "result.json").read_text())["last"]
-    _, val = make_loaders(fmnist_betons[0].split("=", 1)[1], fmnist_betons[1].split("=", 1)[1], num_classes=10, batch_size=32,
+    train_path, val_path = (arg.split("=", 1)[1] for arg in fmnist_betons)
+    _, val = make_loaders(train_path, val_path, num_classes=10, batch_size=32,
                           val_batch_size=100, num_workers=1, img_size=28, crop_pct=1.0,
                           mean=(0.286,) * 3, std=(0.353,) * 3)
     for ema, key in ((False, "top1"), (True, "ema_top1")):
@@ -164,7 +174,8 @@ def test_torchrun_sigterm_then_resume_past_a_damaged_checkpoint_is_exact(referen
     ref_out, *_ = reference
     out = tmp_path / "run"
     port = free_port()
-    agents = [subprocess.Popen(torchrun_cmd(rank, port, *TINY, *fmnist_betons, "dist.zero_stage=2", f"run.out_dir={out}"),
+    agents = [subprocess.Popen(torchrun_cmd(rank, port, *TINY, *fmnist_betons, "dist.zero_stage=2",
+                                            f"run.out_dir={out}"),
                                cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
               for rank in (0, 1)]
     wait_for_checkpoint(out, agents, lambda: agents[0].stdout.read())  # preempt once the first checkpoint is down
@@ -227,7 +238,8 @@ def test_zero_stages_compile_and_checkpointing_step_like_zero1_eager(plain, fmni
     change how the steps are computed, not their arithmetic: ZeRO-1 eager's 4 steps to float rounding."""
     import timm
     from timm_optdnn.training.export import export_state_dict
-    r = run(deepspeed_cmd(*PLAIN, *fmnist_betons, *variant, f"run.out_dir={tmp_path}", "schedule.max_steps=4"), timeout=540)
+    r = run(deepspeed_cmd(*PLAIN, *fmnist_betons, *variant, f"run.out_dir={tmp_path}", "schedule.max_steps=4"),
+            timeout=540)
     assert r.returncode == 0, r.log[-3000:]
     assert_same_steps(steps(tmp_path), steps(plain)[:4], rtol=1e-5)
     state = export_state_dict(tmp_path)  # ZeRO-3: every rank's parameter shards consolidated by DeepSpeed
@@ -238,13 +250,15 @@ def test_zero_stages_compile_and_checkpointing_step_like_zero1_eager(plain, fmni
 
 @pytest.mark.timeout(480)
 @pytest.mark.parametrize("precision, stage", [("bf16", 1), ("fp16", 0)])
-def test_mixed_precision_autocasts_with_fp32_weights_coefficients_and_ema(plain, fmnist_betons, tmp_path, precision, stage):
+def test_mixed_precision_autocasts_with_fp32_weights_coefficients_and_ema(plain, fmnist_betons, tmp_path, precision,
+                                                                         stage):
     """bf16 / fp16 through autocast: the forward computes in 16 bits, while the module DeepSpeed holds (so its
     gradients, their accumulation and reduction), the scheme coefficients and the EMA copy stay fp32; the losses
     track fp32's closely without equalling them."""
     import timm
     run_dir = RunDir(tmp_path)
-    r = run(deepspeed_cmd(*PLAIN, *fmnist_betons, f"dist.zero_stage={stage}", f"dist.precision={precision}", "model.ema=true",
+    r = run(deepspeed_cmd(*PLAIN, *fmnist_betons, f"dist.zero_stage={stage}", f"dist.precision={precision}",
+                          "model.ema=true",
                           f"run.out_dir={tmp_path}", "schedule.max_steps=8"))
     assert r.returncode == 0, r.log[-3000:]
     assert f"ZeRO-{stage} {precision} on cpu" in r.log
@@ -268,7 +282,8 @@ def test_nonfinite_loss_names_a_checkpoint_that_reloads_to_finite_logits(fmnist_
     import timm
     from timm_optdnn.training.export import export_state_dict
     run_dir = RunDir(tmp_path)
-    r = run(deepspeed_cmd(*TINY, *fmnist_betons, "dist.zero_stage=2", "optim.opt=sgd", "optim.lr=1e4", "model.ema=false",
+    r = run(deepspeed_cmd(*TINY, *fmnist_betons, "dist.zero_stage=2", "optim.opt=sgd", "optim.lr=1e4",
+                          "model.ema=false",
                           "schedule.warmup_epochs=1", "schedule.warmup_lr=1e-3", "run.ckpt_every_steps=1",
                           "run.log_every_steps=1", "run.keep_last=30", f"run.out_dir={tmp_path}"))
     assert r.returncode == 3 and "non-finite loss at step" in r.log, r.log[-3000:]
@@ -404,7 +419,8 @@ def test_a_run_that_cannot_work_fails_before_start_up_with_one_message(fmnist_be
         out.mkdir()
         (out / "notes.txt").write_text("mine")
     before = files(ref_out)
-    r = run([PY, "-m", "train", "--config", "configs/demo.yaml", *TINY, *fmnist_betons, f"run.out_dir={out}", *overrides],
+    r = run([PY, "-m", "train", "--config", "configs/demo.yaml", *TINY, *fmnist_betons, f"run.out_dir={out}",
+             *overrides],
             timeout=170)
     assert r.returncode == 2 and message in r.stderr, r.log[-3000:]
     assert "Traceback" not in r.log and "DeepSpeed" not in r.log

@@ -23,7 +23,8 @@ def single_thread_opencv() -> None:
     """Run OpenCV's functions on the calling thread only. Each of FFCV's worker threads resizes one image at a time;
     OpenCV's own pool of one thread per core under them oversubscribed the cores (the decode stage ran 1.3-1.5x
     faster with one thread here). Process-wide: every OpenCV call in the process, FFCV's stock decoders included."""
-    from .decoders import opencv
+    with kept_threads():  # importing the decoders imports FFCV, which sets torch's and numba's thread counts
+        from .decoders import opencv
     opencv("opencv_core").cvSetNumThreads(1)
 
 

@@ -56,7 +56,8 @@ def adapt_scheme_state(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict
 
     cfg = getattr(model, "pretrained_cfg", {})
     classifier = cfg.get("classifier", "head")
-    timm_reinits_head = getattr(model, "num_classes", None) != cfg.get("num_classes", getattr(model, "num_classes", None))
+    num_classes = getattr(model, "num_classes", None)
+    timm_reinits_head = num_classes != cfg.get("num_classes", num_classes)
     # timm adapts the first conv to another in_chans after this filter (adapt_input_conv)
     timm_adapts_stem = getattr(model, "in_chans", 3) != cfg.get("input_size", (3,))[0]
     bad = []

@@ -30,7 +30,8 @@ class ConvNeXtBranch(nn.Module):
         self.pwconv1 = nn.Linear(dim, 4 * dim, **dd)
         self.act = nn.GELU()
         self.pwconv2 = nn.Linear(4 * dim, dim, **dd)
-        self.gamma = nn.Parameter(torch.full((dim,), layer_scale_init_value, **dd)) if layer_scale_init_value > 0 else None
+        self.gamma = nn.Parameter(torch.full((dim,), layer_scale_init_value, **dd)) \
+            if layer_scale_init_value > 0 else None
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +106,8 @@ class OptDNNConvNeXtIsotropic(SchemeBackbone):
         return x if pre_logits else self.head(x)
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: OptDNNConvNeXtIsotropic) -> Dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor],
+                         model: OptDNNConvNeXtIsotropic) -> Dict[str, torch.Tensor]:
     """Official isotropic ConvNeXt checkpoints ({'model': ...} or bare) -> this model, any scheme."""
     state_dict = state_dict.get("model", state_dict)
     return adapt_scheme_state(state_dict, model)

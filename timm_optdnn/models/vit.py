@@ -160,7 +160,8 @@ class OptDNNVisionTransformer(SchemeBackbone):
         return x if pre_logits else self.head(x)
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: OptDNNVisionTransformer) -> Dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor],
+                         model: OptDNNVisionTransformer) -> Dict[str, torch.Tensor]:
     """timm/DeiT ViT checkpoints (optionally {'model': ...}) -> this model, any scheme.
 
     timm's ViT filter unwraps, resamples pos-embed / patch-embed for new img/patch sizes;

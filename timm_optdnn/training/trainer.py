@@ -516,9 +516,13 @@ class Trainer:
         if coefs:
             self.log(f"scheme coefficients: {' '.join(f'{c:.4f}' for c in coefs)}")
         if self.rank == 0:
+            # the same columns every epoch (blank where an epoch was not evaluated): the header is written once
             train_keys = ("loss", "img_s", "epoch_s")
+            eval_keys = ("top1", "top5", "val_loss", "val_count")
+            eval_keys += ("ema_top1", "ema_top5") if self.ema is not None else ()
+            other = [k for k in metrics if k not in ("epoch", *train_keys, *eval_keys)]
             update_summary(epoch, {k: metrics[k] for k in train_keys},
-                           {k: v for k, v in metrics.items() if k not in ("epoch", *train_keys)}, str(self.run.summary),
+                           {k: metrics.get(k, "") for k in (*other, *eval_keys)}, str(self.run.summary),
                            lr=self.optimizer.param_groups[0]["lr"], write_header=not self.run.summary.is_file())
             if self.tb:
                 for k, v in metrics.items():
