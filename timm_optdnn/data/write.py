@@ -127,20 +127,31 @@ def _write_job(tmp: Path, fields: dict, page_size: int, workers: int, dataset, c
             os.write(stderr, chunk)
             tail.extend(chunk.decode(errors="replace").splitlines())
 
+    def dead_child() -> tuple[int, int] | None:
+        """(pid, exit code as multiprocessing gives it) of a worker that ended badly, or None. A dead child is first
+        looked for without reaping it (multiprocessing reaps a dead worker when it lists or starts children, and
+        then no longer lists it); then among the workers listed so far."""
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            info = None
+        if info is not None and (info.si_code != os.CLD_EXITED or info.si_status != 0):
+            return info.si_pid, info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+        try:
+            workers_seen.update((p.pid, p) for p in mp.active_children())
+        except RuntimeError:  # the set of children changed while it was read: read it next time
+            pass
+        dead = [p for p in workers_seen.values() if p.exitcode not in (None, 0)]
+        return (dead[0].pid, dead[0].exitcode) if dead else None
+
     def watch() -> None:
-        workers_seen = {}
-        while True:
-            try:
-                workers_seen.update((p.pid, p) for p in mp.active_children())
-            except RuntimeError:  # the set of children changed while it was read: read it again
-                continue
-            dead = [p for p in workers_seen.values() if p.exitcode not in (None, 0)]
-            if dead:
-                time.sleep(0.2)  # let its traceback arrive through the pipe
-                send(("error", f"FFCV writer worker (pid {dead[0].pid}) {_describe_exit(dead[0].exitcode)}"
-                                      f"{_last_error(tail)}"))
-                os._exit(1)
-            time.sleep(0.1)
+        while (dead := dead_child()) is None:
+            time.sleep(0.05)
+        time.sleep(0.2)  # let its traceback arrive through the pipe
+        send(("error", f"FFCV writer worker (pid {dead[0]}) {_describe_exit(dead[1])}{_last_error(tail)}"))
+        os._exit(1)
+
+    workers_seen: dict = {}
 
     with kept_threads():
         from ffcv.writer import DatasetWriter
