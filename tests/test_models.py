@@ -174,7 +174,8 @@ def test_t_form_apg2_converts_to_the_same_network():
         blocks.coef.copy_(momenta_from_t(t))
     x = torch.randn(3, 4, dtype=torch.float64)
     torch.testing.assert_close(blocks(x), t_form_apg2([copy.deepcopy(f) for f in blocks], t, x), rtol=1e-9, atol=1e-12)
-    assert momenta_from_t(2.0 / (torch.arange(6) + 2.0)).tolist() == pytest.approx(init_coefficients("apg2", 6).tolist())
+    schedule = 2.0 / (torch.arange(6) + 2.0)  # apg2's initial t_k
+    assert momenta_from_t(schedule).tolist() == pytest.approx(init_coefficients("apg2", 6).tolist())
     with pytest.raises(ValueError, match="must be positive"):
         momenta_from_t(torch.tensor([1.0, 0.0, 0.5]))
 
@@ -219,7 +220,8 @@ def test_apg2_with_zero_momenta_is_gd_bit_for_bit(family):
         outs.append(model(x))
         outs[-1].square().sum().backward()
     assert torch.equal(*outs)
-    for (n, p), q in zip([(n, p) for n, p in apg2.named_parameters() if n != "blocks.coef"], gd.parameters(), strict=True):
+    branches = [(n, p) for n, p in apg2.named_parameters() if n != "blocks.coef"]
+    for (n, p), q in zip(branches, gd.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad), n
 
 
@@ -285,7 +287,8 @@ def test_apg2_saves_one_state_per_block_more_than_gd(family):
 
 def test_initial_coefficients_follow_the_algorithms():
     torch.testing.assert_close(init_coefficients("apg2", 5), torch.tensor([0.0, 0.25, 0.4, 0.5]))
-    assert init_coefficients("nag", 5).tolist() == init_coefficients("hb", 5).tolist() == init_coefficients("apg2", 5).tolist()
+    assert init_coefficients("nag", 5).tolist() == init_coefficients("hb", 5).tolist() == \
+        init_coefficients("apg2", 5).tolist()
     model = tiny("vit")
     assert model.scheme_coefficients() == pytest.approx([0.0, 0.25])
     assert "b=[0.000, 0.250] (0 above 1)" in repr(model.blocks)
@@ -323,7 +326,8 @@ def test_coefficients_are_never_weight_decayed_nor_the_heads(family):
     coefs = dict(model.blocks.named_parameters(recurse=False))
     assert set(coefs) == {"coef", "prox_gate"} and {f"blocks.{n}" for n in coefs} <= model.no_weight_decay()
     opt = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
-    assert all(g["weight_decay"] == 0.0 for g in opt.param_groups for p in g["params"] if any(p is c for c in coefs.values()))
+    assert all(g["weight_decay"] == 0.0
+               for g in opt.param_groups for p in g["params"] if any(p is c for c in coefs.values()))
     scale = {id(p): g["lr_scale"] for g in timm.optim.create_optimizer_v2(
         model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.7).param_groups for p in g["params"]}
     last_block = next(model.blocks[-1].parameters())
@@ -406,7 +410,8 @@ def test_layer_scale_checkpoint_loads(tmp_path):
     ref = ConvNeXtIsotropic(depth=2, dim=32, num_classes=7, layer_scale_init_value=1e-6).eval()
     torch.save({"model": ref.state_dict()}, tmp_path / "ls.pth")
     model = timm.create_model("optdnn_apg2_convnext_iso_s", depth=2, dim=32, num_classes=7, layer_scale_init_value=1e-6,
-                              pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "ls.pth"), num_classes=7))
+                              pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "ls.pth"), num_classes=7))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert (model.eval()(x) - ref(x)).abs().max() <= 1e-5
@@ -433,7 +438,8 @@ def test_wrong_num_classes_errors_but_num_classes_kwarg_reinitialises_head(tmp_p
     small_head = timm.create_model("vit_small_patch16_224", num_classes=10)
     torch.save(small_head.state_dict(), tmp_path / "ten.pth")
     with pytest.raises(ValueError, match=r"head\.weight: checkpoint \(10, 384\) vs model \(1000, 384\).*num_classes"):
-        timm.create_model("optdnn_apg2_vit_s", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "ten.pth")))
+        timm.create_model("optdnn_apg2_vit_s", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "ten.pth")))
     # timm's documented behaviour: a different num_classes drops the pretrained classifier and re-initialises it
     model = timm.create_model("optdnn_apg2_vit_s", pretrained=True, num_classes=7,
                               pretrained_cfg_overlay=dict(file=vit_s_ckpt))

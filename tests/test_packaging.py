@@ -216,7 +216,8 @@ def test_every_documented_command_runs_as_shown(installed, tmp_path):
             assert printed[f"optdnn_{scheme}_{size}"] == [params, gflops], (size, scheme)
 
 
-HISTORY = re.compile(r"DESIGN\.md|\bsessions?\b|\bissues? #?\d|\b20\d\d-\d\d-\d\d\b|\b(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b",
+HISTORY = re.compile(r"DESIGN\.md|\bsessions?\b|\bissues? #?\d|\b20\d\d-\d\d-\d\d\b"
+                     r"|\b(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b",
                      re.I)
 
 

@@ -51,8 +51,8 @@ def test_assumed_plan_is_the_labelled_fallback(fmnist_betons):
 
 MEASURE = """import json, sys
 from timm_optdnn.training.config import load_config
-from timm_optdnn.training.plan import measure, recipe
-m = measure(recipe(load_config(sys.argv[1], sys.argv[2:])), steps=2, warmup=1)
+from timm_optdnn.training.plan import measure
+m = measure(load_config(sys.argv[1], sys.argv[2:]), steps=2, warmup=1)
 print(json.dumps(dict(img_s=m.img_s, peak=m.peak_bytes, states=m.states, activations=m.activation_bytes,
                       device=m.device)))"""
 

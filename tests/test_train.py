@@ -248,6 +248,29 @@ def test_zero_stages_compile_and_checkpointing_step_like_zero1_eager(plain, fmni
     model.load_state_dict(state)
 
 
+@pytest.mark.timeout(300)
+def test_compiled_backward_stays_channels_last_on_cpu():
+    """The trainer's compile options on CPU: the depthwise convolutions' input gradients in inductor's backward graph
+    are channels-last like the trunk (stride 1 over channels). Inductor's default makes them NCHW, which the second
+    half checks: when a torch release lays them out channels-last by itself, the option has done its work."""
+    import re
+    import timm
+    from torch._inductor.utils import run_and_get_code
+    from timm_optdnn.training.trainer import compile_kwargs
+
+    def conv_input_grad_strides(**kwargs) -> list:
+        torch._dynamo.reset()
+        model = timm.create_model("optdnn_apg2_convnext_iso_fm", dim=32, depth=2, num_classes=10, in_chans=1)
+        step = torch.compile(model, **kwargs)
+        _, code = run_and_get_code(lambda: step(torch.randn(2, 1, 28, 28)).sum().backward())
+        return re.findall(r"assert_tensor_metadata\(buf\d+, \(2, 32, 7, 7\), \((\d+), (\d+), \d+, \d+\), "
+                          r"torch.float32, 'torch.ops.aten.convolution_backward", "\n".join(code))
+
+    grads = conv_input_grad_strides(**compile_kwargs(torch.device("cpu")))
+    assert len(grads) == 2 and all(c == "1" for _, c in grads), grads  # both blocks' dwconv, channels-last
+    assert all(c == "49" for _, c in conv_input_grad_strides()), "inductor's default is channels-last now"
+
+
 @pytest.mark.timeout(480)
 @pytest.mark.parametrize("precision, stage", [("bf16", 1), ("fp16", 0)])
 def test_mixed_precision_autocasts_with_fp32_weights_coefficients_and_ema(plain, fmnist_betons, tmp_path, precision,

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 
 import timm_optdnn  # noqa: F401  registers the optdnn_* models
+from .trainer import compile_kwargs
 
 MB = 2 ** 20
 MODES = ("eager", "compiled")
@@ -40,7 +41,7 @@ class TrainStep:
         torch.manual_seed(0)
         size_kwargs = dict(img_size=img_size) if "vit" in name else {}  # ViT's position embedding is sized for it
         self.model = timm.create_model(name, **size_kwargs).to(device).train()
-        self.forward = torch.compile(self.model) if compiled else self.model
+        self.forward = torch.compile(self.model, **compile_kwargs(device)) if compiled else self.model
         self.optimizer = create_optimizer_v2(self.model, "sgd", lr=1e-4)  # timm's benchmark.py optimizer
         self.x = torch.randn(batch_size, 3, img_size, img_size, device=device)
         self.y = torch.randint(self.model.num_classes, (batch_size,), device=device)

@@ -19,47 +19,12 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional
 
+from .config import TrainConfig
+
 import torch
 
 IMAGENET_TRAIN = 1281167
 FLOPS_PER_MAC = 2  # device peaks count a multiply-add as two FLOPs; fvcore (and the papers) as one
-
-
-class Recipe(NamedTuple):
-    """The recipe keys the plan reads, read in one place (`recipe`)."""
-    model: str
-    model_kwargs: Dict[str, Any]
-    num_classes: int
-    drop_path: float
-    train_path: str
-    img_size: int
-    res_schedule: Optional[List[int]]
-    epochs: int
-    batch_size: int
-    grad_accum: int
-    lr: float
-    lr_base_size: int
-    opt: str
-    weight_decay: float
-    ema: bool
-    precision: str
-    zero_stage: int
-    device: str
-    channels_last: bool
-    grad_checkpointing: bool
-    compile: bool
-    nodes: int
-    gpus_per_node: int
-    peak_tflops: float
-    utilization: float
-
-
-def recipe(cfg) -> Recipe:
-    m, d, o, ds, pl = cfg.model, cfg.data, cfg.optim, cfg.dist, cfg.plan
-    return Recipe(m.name, m.kwargs, m.num_classes, m.drop_path, d.train_path, d.img_size, d.res_schedule,
-                  cfg.schedule.epochs, d.batch_size, o.grad_accum, o.lr, o.lr_base_size, o.opt, o.weight_decay, m.ema,
-                  ds.precision, ds.zero_stage, ds.device, d.channels_last, m.grad_checkpointing, m.compile,
-                  pl.nodes, pl.gpus_per_node, pl.peak_tflops, pl.utilization)
 
 
 class States(NamedTuple):
@@ -99,35 +64,33 @@ class Measured(NamedTuple):
         return max(self.peak_bytes - sum(self.states), 0)
 
 
-def measure(r: Recipe, steps: int = 5, warmup: int = 2) -> Measured:
-    """Time `steps` real optimizer steps of the recipe's model per resolution on the local device."""
-    import timm
-    import timm_optdnn  # noqa: F401  (registers the models)
-    from timm.optim import create_optimizer_v2
+def measure(cfg: TrainConfig, steps: int = 5, warmup: int = 2) -> Measured:
+    """Time `steps` real optimizer steps of the recipe's model per resolution on the local device: the trainer's model
+    and optimizer (its parameter groups: weight decay, layer decay, the scheme coefficients' group)."""
     from timm.utils import ModelEmaV3
-    from .trainer import cuda_training_settings
-    use_cuda = r.device == "cuda" or (r.device == "auto" and torch.cuda.is_available())
-    if r.precision == "fp16" and not use_cuda:
+    from .trainer import compile_kwargs, create_model, create_optimizer, cuda_training_settings, use_cuda
+    m, d, o, precision = cfg.model, cfg.data, cfg.optim, cfg.dist.precision
+    on_cuda = use_cuda(cfg)
+    if precision == "fp16" and not on_cuda:
         raise ValueError("precision=fp16 is measured on a GPU only (as it trains)")
-    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    name = f"{torch.cuda.get_device_name(device)} ({device})" if use_cuda else \
+    device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
+    name = f"{torch.cuda.get_device_name(device)} ({device})" if on_cuda else \
         f"cpu, {torch.get_num_threads()} torch threads"
-    memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
-    model = timm.create_model(r.model, num_classes=r.num_classes, drop_path_rate=r.drop_path, **r.model_kwargs)
-    model.to(device=device, memory_format=memory_format).train()
-    if r.grad_checkpointing:
+    memory_format = torch.channels_last if d.channels_last else torch.contiguous_format
+    model = create_model(cfg).to(device=device, memory_format=memory_format).train()
+    if m.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    optimizer = create_optimizer_v2(model, opt=r.opt, lr=r.lr, weight_decay=r.weight_decay)
-    ema = ModelEmaV3(model, device=device) if r.ema else None
-    step_model = torch.compile(model) if r.compile else model
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=r.precision == "fp16")
+    optimizer = create_optimizer(model, cfg, o.lr)
+    ema = ModelEmaV3(model, decay=m.ema_decay, device=device) if m.ema else None
+    step_model = torch.compile(model, **compile_kwargs(device)) if m.compile else model
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def train_step(x: torch.Tensor, y: torch.Tensor, step: int) -> None:
-        for _ in range(r.grad_accum):
+        for _ in range(o.grad_accum):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 loss = torch.nn.functional.cross_entropy(step_model(x), y)
-            scaler.scale(loss / r.grad_accum).backward()
+            scaler.scale(loss / o.grad_accum).backward()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -135,37 +98,37 @@ def measure(r: Recipe, steps: int = 5, warmup: int = 2) -> Measured:
             ema.update(model, step=step)
 
     def sync() -> None:
-        if use_cuda:
+        if on_cuda:
             torch.cuda.synchronize(device)
 
     def timed_steps(res: int) -> float:
         """img/s of `steps` optimizer steps at `res` px, after `warmup` (compilation, autotuning, optimizer state)."""
-        x = torch.randn(r.batch_size, 3, res, res, device=device).contiguous(memory_format=memory_format)
-        y = torch.randint(0, r.num_classes, (r.batch_size,), device=device)
+        x = torch.randn(d.batch_size, 3, res, res, device=device).contiguous(memory_format=memory_format)
+        y = torch.randint(0, m.num_classes, (d.batch_size,), device=device)
         for i in range(warmup):
             train_step(x, y, i)
         sync()
-        if use_cuda:
+        if on_cuda:
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         for i in range(steps):
             train_step(x, y, warmup + i)
         sync()
-        return steps * r.grad_accum * r.batch_size / (time.perf_counter() - t0)
+        return steps * o.grad_accum * d.batch_size / (time.perf_counter() - t0)
 
-    if not use_cuda:  # CPU: from before the first step (freed memory is not always handed back to the OS)
+    if not on_cuda:  # CPU: from before the first step (freed memory is not always handed back to the OS)
         rss0 = _reset_peak_rss()
     img_s, peak = {}, 0
-    for res in sorted(set(resolutions(r))):
-        with cuda_training_settings() if use_cuda else nullcontext():
+    for res in sorted(set(resolutions(cfg))):
+        with cuda_training_settings() if on_cuda else nullcontext():
             img_s[res] = timed_steps(res)
-        if use_cuda:
+        if on_cuda:
             peak = max(peak, torch.cuda.max_memory_allocated(device))
     states = States(params=_bytes(model.parameters()),
                     grads=_bytes(p for p in model.parameters() if p.requires_grad),  # live at the peak, then freed
                     optimizer=_bytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)),
                     ema=_bytes(ema.module.state_dict().values()) if ema is not None else 0)
-    if not use_cuda:  # what the steps added to the resident memory at its peak, plus the tensors held before
+    if not on_cuda:  # what the steps added to the resident memory at its peak, plus the tensors held before
         peak = _proc_status("VmHWM") - rss0 + states.params + states.ema
     return Measured(name, steps, img_s, peak, states)
 
@@ -185,15 +148,16 @@ def _proc_status(key: str) -> int:
     return int(line.split()[1]) * 1024  # kB
 
 
-def resolutions(r: Recipe) -> List[int]:
+def resolutions(cfg: TrainConfig) -> List[int]:
     """The training resolution of each epoch (FFCV progressive resizing, or the fixed img_size)."""
     from timm_optdnn.data import resolution
-    return [resolution(e, *r.res_schedule) if r.res_schedule else r.img_size for e in range(r.epochs)]
+    d = cfg.data
+    return [resolution(e, *d.res_schedule) if d.res_schedule else d.img_size for e in range(cfg.schedule.epochs)]
 
 
-def train_samples(r: Recipe) -> int:
-    meta = Path(f"{r.train_path}.meta.json")
-    return json.loads(meta.read_text())["num_samples"] if r.train_path and meta.is_file() else IMAGENET_TRAIN
+def train_samples(cfg: TrainConfig) -> int:
+    meta = Path(f"{cfg.data.train_path}.meta.json")
+    return json.loads(meta.read_text())["num_samples"] if cfg.data.train_path and meta.is_file() else IMAGENET_TRAIN
 
 
 def plan(cfg, measured: Optional[Measured] = None) -> Dict[str, Any]:
@@ -201,29 +165,29 @@ def plan(cfg, measured: Optional[Measured] = None) -> Dict[str, Any]:
     import timm
     import timm_optdnn  # noqa: F401
     from timm_optdnn.flops import count
-    r = recipe(cfg)
-    world = r.gpus_per_node * r.nodes
-    global_batch = r.batch_size * r.grad_accum * world
-    n = train_samples(r)
+    m, d, o, ds, pl = cfg.model, cfg.data, cfg.optim, cfg.dist, cfg.plan
+    world = pl.gpus_per_node * pl.nodes
+    global_batch = d.batch_size * o.grad_accum * world
+    n = train_samples(cfg)
     steps_per_epoch = n // global_batch
     images_per_epoch = steps_per_epoch * global_batch
-    model = timm.create_model(r.model, num_classes=r.num_classes, device="meta", **r.model_kwargs)
+    model = timm.create_model(m.name, num_classes=m.num_classes, device="meta", **m.kwargs)
     params = sum(p.numel() for p in model.parameters())
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    res = resolutions(r)
-    gflops = {s: count(r.model, img_size=s, num_classes=r.num_classes, **r.model_kwargs)[0] for s in set(res)}
+    largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules())
+    res = resolutions(cfg)
+    gflops = {s: count(m.name, img_size=s, num_classes=m.num_classes, **m.kwargs)[0] for s in set(res)}
     train_flops = sum(3 * gflops[s] * 1e9 * images_per_epoch for s in res)
-    states = measured.states if measured else States.assumed(params, r.ema)
-    per_gpu = states.per_gpu(r.zero_stage, world, largest)
-    p = dict(model=r.model, params_m=params / 1e6, gflops=gflops[res[-1]], img_size=res[-1], nodes=r.nodes,
-             gpus_per_node=r.gpus_per_node, world=world, batch_per_gpu=r.batch_size, grad_accum=r.grad_accum,
-             global_batch=global_batch, lr=r.lr * global_batch / r.lr_base_size if r.lr_base_size else r.lr,
-             train_samples=n, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * r.epochs,
-             epochs=r.epochs, resolutions=sorted(set(res)), zero_stage=r.zero_stage, precision=r.precision,
-             model_state_gib=per_gpu / 2 ** 30, train_pflop=train_flops / 1e15, peak_tflops=r.peak_tflops,
-             utilization=r.utilization, measured=measured is not None)
+    states = measured.states if measured else States.assumed(params, m.ema)
+    per_gpu = states.per_gpu(ds.zero_stage, world, largest)
+    p = dict(model=m.name, params_m=params / 1e6, gflops=gflops[res[-1]], img_size=res[-1], nodes=pl.nodes,
+             gpus_per_node=pl.gpus_per_node, world=world, batch_per_gpu=d.batch_size, grad_accum=o.grad_accum,
+             global_batch=global_batch, lr=o.lr * global_batch / o.lr_base_size if o.lr_base_size else o.lr,
+             train_samples=n, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * cfg.schedule.epochs,
+             epochs=cfg.schedule.epochs, resolutions=sorted(set(res)), zero_stage=ds.zero_stage,
+             precision=ds.precision, model_state_gib=per_gpu / 2 ** 30, train_pflop=train_flops / 1e15,
+             peak_tflops=pl.peak_tflops, utilization=pl.utilization, measured=measured is not None)
     if measured is None:
-        seconds = train_flops * FLOPS_PER_MAC / (world * r.peak_tflops * 1e12 * r.utilization)
+        seconds = train_flops * FLOPS_PER_MAC / (world * pl.peak_tflops * 1e12 * pl.utilization)
         p.update(memory_gib=None)
     else:
         seconds = sum(images_per_epoch / (world * measured.img_s[s]) for s in res)
@@ -237,8 +201,8 @@ def plan(cfg, measured: Optional[Measured] = None) -> Dict[str, Any]:
 
 def print_plan(cfg, measure_steps: int = 0) -> Dict[str, Any]:
     """Print the plan (with `measure_steps` > 0: measured on this machine's device first) and return it."""
-    r = recipe(cfg)
-    m = measure(r, steps=measure_steps) if measure_steps else None
+    mo, precision = cfg.model, cfg.dist.precision
+    m = measure(cfg, steps=measure_steps) if measure_steps else None
     p = plan(cfg, m)
     rows = [
         ("model", f"{p['model']} ({p['params_m']:.4g}M params, {p['gflops']:.4g} GFLOPs/img forward at "
@@ -252,7 +216,7 @@ def print_plan(cfg, measure_steps: int = 0) -> Dict[str, Any]:
         ("training compute", f"{p['train_pflop']:.4g} PFLOP (3 x forward x images; 1 multiply-add = 1 FLOP)"),
         ("model states / GPU", f"{_gib(p['model_state_gib'])} (ZeRO-{p['zero_stage']} over {p['world']} ranks: fp32 "
                                f"weights and gradients, {'measured' if m else 'assumed Adam-like'} optimizer state"
-                               f"{', fp32 EMA copy' if r.ema else ''}{_autocast(r.precision)})"),
+                               f"{', fp32 EMA copy' if mo.ema else ''}{_autocast(precision)})"),
     ]
     if m is None:
         rows += [
@@ -265,10 +229,12 @@ def print_plan(cfg, measure_steps: int = 0) -> Dict[str, Any]:
                           f"{p['achieved_tflops'][s] / p['peak_tflops']:.1%} of plan.peak_tflops)"
                           for s in sorted(p["img_s"]))
         rows += [
-            ("measured on", f"{p['device']}: {p['measured_steps']} steps of {r.batch_size} x {r.grad_accum} synthetic "
-                            f"images per resolution, {r.precision}{'' if r.precision == 'fp32' else ' autocast'}, "
-                            f"channels_last {_on(r.channels_last)}, grad_checkpointing {_on(r.grad_checkpointing)}, "
-                            f"compile {_on(r.compile)}, {r.opt}{', EMA' if r.ema else ''}"),
+            ("measured on", f"{p['device']}: {p['measured_steps']} steps of {p['batch_per_gpu']} x {p['grad_accum']} "
+                            f"synthetic images per resolution, {precision}"
+                            f"{'' if precision == 'fp32' else ' autocast'}, "
+                            f"channels_last {_on(cfg.data.channels_last)}, grad_checkpointing "
+                            f"{_on(mo.grad_checkpointing)}, compile {_on(mo.compile)}, {cfg.optim.opt}"
+                            f"{', EMA' if mo.ema else ''}"),
             ("measured speed", f"{speed} per device (device peaks count a multiply-add as 2 FLOPs)"),
             ("measured memory", f"{_gib(p['peak_gib'])} peak = {_gib(p['state_gib'])} model states + "
                                 f"{_gib(p['activation_gib'])} activations and workspace"

@@ -223,6 +223,15 @@ def cuda_training_settings() -> Iterator[None]:
         torch.set_float32_matmul_precision(matmul)
 
 
+def compile_kwargs(device: torch.device) -> Dict[str, Any]:
+    """torch.compile's keyword arguments for training on `device`. On CPU inductor lays the forward graph out
+    channels-last (its rule for mkldnn convolutions) but not the backward graph, which has no convolution node for
+    the rule to see: the gradients then run NCHW against NHWC activations, and every elementwise kernel between them
+    transposes tiles. Forcing the layout optimisation makes the backward channels-last too (measured here, isotropic
+    ConvNeXt-S at 224 px: train step 9 % faster for gd and apg2, ViT unchanged). CUDA: inductor's own choice."""
+    return dict(options=dict(force_layout_optimization=True)) if device.type == "cpu" else {}
+
+
 def use_cuda(cfg: TrainConfig) -> bool:
     return cfg.dist.device == "cuda" or (cfg.dist.device == "auto" and torch.cuda.is_available())
 
@@ -321,7 +330,8 @@ class Trainer:
         # after initialize: a full fp32 copy on the engine's device, of the weights DeepSpeed broadcast
         self.ema = ModelEmaV3(self.engine.module, decay=m.ema_decay, use_warmup=m.ema_warmup) if m.ema else None
         if m.compile:
-            self.engine.compile()  # the module compiles in place (state-dict keys unchanged); the EMA copy stays eager
+            # the module compiles in place (state-dict keys unchanged); the EMA copy stays eager
+            self.engine.compile(compile_kwargs=compile_kwargs(self.device))
         self.autocast = getattr(torch, AUTOCAST_DTYPES[cfg.dist.precision]) if cfg.dist.precision != "fp32" else None
         self.criterion = SoftTargetCrossEntropy() if self.train_loader.soft_targets else nn.CrossEntropyLoss()
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
