@@ -19,9 +19,9 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional
 
-from .config import TrainConfig
-
 import torch
+
+from .config import TrainConfig
 
 IMAGENET_TRAIN = 1281167
 FLOPS_PER_MAC = 2  # device peaks count a multiply-add as two FLOPs; fvcore (and the papers) as one
@@ -160,7 +160,7 @@ def train_samples(cfg: TrainConfig) -> int:
     return json.loads(meta.read_text())["num_samples"] if cfg.data.train_path and meta.is_file() else IMAGENET_TRAIN
 
 
-def plan(cfg, measured: Optional[Measured] = None) -> Dict[str, Any]:
+def plan(cfg: TrainConfig, measured: Optional[Measured] = None) -> Dict[str, Any]:
     """The plan's numbers; wall time from `measured` if given, else from the assumed device rate."""
     import timm
     import timm_optdnn  # noqa: F401
@@ -199,7 +199,7 @@ def plan(cfg, measured: Optional[Measured] = None) -> Dict[str, Any]:
     return dict(p, wall_h=seconds / 3600, gpu_h=seconds / 3600 * world)
 
 
-def print_plan(cfg, measure_steps: int = 0) -> Dict[str, Any]:
+def print_plan(cfg: TrainConfig, measure_steps: int = 0) -> Dict[str, Any]:
     """Print the plan (with `measure_steps` > 0: measured on this machine's device first) and return it."""
     mo, precision = cfg.model, cfg.dist.precision
     m = measure(cfg, steps=measure_steps) if measure_steps else None
