@@ -56,12 +56,11 @@ benchmark: $(STAMP)
 # The README shows these two commands; run on a quiet machine.
 MODEL_BENCH  := -m timm_optdnn.training.benchmark vit_ti convnext_iso_s --batch-size 32 --img-size 224 --repeats 5
 LOADER_BENCH := -m tools.loader_benchmark --images 1000 --workers 2 --epochs 2 --repeats 3
-# numba's TBB pool prints a notice (and a blank line) to stdout when the beton writer forks its workers: not a table
 benchmarks: $(STAMP)
 	{ printf '# Benchmarks\n\nWritten by `make benchmarks`; every table below follows the command that printed it.\n\n'; \
 	  echo "Machine: $$(lscpu | sed -n 's/^Model name: *//p'), $$(nproc) cores," \
 	       "torch $$($(PY) -c 'import torch; print(torch.__version__)')."; \
-	  echo; $(PY) $(MODEL_BENCH); echo; $(PY) $(LOADER_BENCH) | sed '/^Unable to join threads/,+1d'; \
+	  echo; $(PY) $(MODEL_BENCH); echo; $(PY) $(LOADER_BENCH); \
 	} > docs/benchmarks.md.part
 	mv docs/benchmarks.md.part docs/benchmarks.md
 

@@ -417,15 +417,21 @@ print(json.dumps(dict(found=found, after=after, setup=settings(), n=n)))
     assert out["setup"]["opencv"] == 1 and not out["setup"]["big_blocks_mapped"]
 
 
-def test_setup_process_first_keeps_torch_and_numba_threads():
-    """setup_process() as a process's first data call (the model benchmark's): loading OpenCV through FFCV's import
-    must not leave FFCV's thread counts behind."""
-    script = ("import numba, torch; torch.set_num_threads(2); numba.set_num_threads(2)\n"
+@pytest.mark.parametrize("ffcv_first", [False, True])
+def test_setup_process_neither_imports_ffcv_nor_starts_numba_threads(ffcv_first):
+    """setup_process() as a process's first data call (the model benchmark's, the torchvision backend's) leaves
+    torch's threads as they were and starts no numba thread pool: FFCV's import starts one (and sets torch to 1
+    thread), and a fork after that, such as a DataLoader worker's, makes numba's TBB layer print a warning. The
+    process that imports FFCV first shows what the check catches."""
+    script = ("import os, sys, torch; torch.set_num_threads(2)\n" + ("import ffcv\n" if ffcv_first else "") +
               "from timm_optdnn.data import setup_process; setup_process()\n"
-              "print(torch.get_num_threads(), numba.get_num_threads())")
+              "print(torch.get_num_threads(), 'ffcv' in sys.modules, flush=True)\n"
+              "pid = os.fork()\n"
+              "os._exit(0) if pid == 0 else os.waitpid(pid, 0)")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split()[-2:] == ["2", "2"]
+    warned = "Unable to join threads" in r.stdout + r.stderr
+    assert (r.stdout.split()[:2], warned) == ((["1", "True"], True) if ffcv_first else (["2", "False"], False))
 
 
 @pytest.mark.timeout(240)

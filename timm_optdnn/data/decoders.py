@@ -26,18 +26,11 @@ from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder, Random
 from ffcv.pipeline.compiler import Compiler
 
 from . import _jpeg
+from .process import opencv
 from .rng import CROP, Stream, seed_sample
 
 INTER_LINEAR, INTER_AREA = 1, 3  # OpenCV's interpolation codes
 _CV_8UC3, _HDR = 16, 64  # OpenCV type code of HxWx3 uint8; bytes reserved per CvMat header (sizeof is 40)
-
-
-def opencv(name: str) -> ctypes.CDLL:
-    """OpenCV's library `name` (opencv_core, opencv_imgproc), the one FFCV links."""
-    path = ctypes.util.find_library(name)
-    if path is None:
-        raise ImportError(f"lib{name} not found: FFCV needs OpenCV (Debian: apt-get install libopencv-dev)")
-    return ctypes.CDLL(path)
 
 
 @functools.cache

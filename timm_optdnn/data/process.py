@@ -19,12 +19,18 @@ def retain_freed_memory(limit: int = 1 << 30) -> bool:
     return bool(libc.mallopt(m_mmap_threshold, limit)) and bool(libc.mallopt(m_trim_threshold, limit))
 
 
+def opencv(name: str) -> ctypes.CDLL:
+    """OpenCV's library `name` (opencv_core, opencv_imgproc), the one FFCV links."""
+    path = ctypes.util.find_library(name)
+    if path is None:
+        raise ImportError(f"lib{name} not found: FFCV needs OpenCV (Debian: apt-get install libopencv-dev)")
+    return ctypes.CDLL(path)
+
+
 def single_thread_opencv() -> None:
     """Run OpenCV's functions on the calling thread only. Each of FFCV's worker threads resizes one image at a time;
     OpenCV's own pool of one thread per core under them oversubscribed the cores (the decode stage ran 1.3-1.5x
     faster with one thread here). Process-wide: every OpenCV call in the process, FFCV's stock decoders included."""
-    with kept_threads():  # importing the decoders imports FFCV, which sets torch's and numba's thread counts
-        from .decoders import opencv
     opencv("opencv_core").cvSetNumThreads(1)
 
 
