@@ -17,7 +17,6 @@ binding hard-codes INTER_AREA. Raw-stored images take the same resize path. Noth
 the bindings are made when a loader first compiles a decoder.
 """
 import ctypes
-import ctypes.util
 import functools
 from types import SimpleNamespace
 

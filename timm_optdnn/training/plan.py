@@ -162,16 +162,15 @@ def train_samples(cfg: TrainConfig) -> int:
 
 def plan(cfg: TrainConfig, measured: Optional[Measured] = None) -> Dict[str, Any]:
     """The plan's numbers; wall time from `measured` if given, else from the assumed device rate."""
-    import timm
-    import timm_optdnn  # noqa: F401
     from timm_optdnn.flops import count
+    from .trainer import create_model, scaled_lr
     m, d, o, ds, pl = cfg.model, cfg.data, cfg.optim, cfg.dist, cfg.plan
     world = pl.gpus_per_node * pl.nodes
     global_batch = d.batch_size * o.grad_accum * world
     n = train_samples(cfg)
     steps_per_epoch = n // global_batch
     images_per_epoch = steps_per_epoch * global_batch
-    model = timm.create_model(m.name, num_classes=m.num_classes, device="meta", **m.kwargs)
+    model = create_model(cfg, device="meta")
     params = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules())
     res = resolutions(cfg)
@@ -181,7 +180,7 @@ def plan(cfg: TrainConfig, measured: Optional[Measured] = None) -> Dict[str, Any
     per_gpu = states.per_gpu(ds.zero_stage, world, largest)
     p = dict(model=m.name, params_m=params / 1e6, gflops=gflops[res[-1]], img_size=res[-1], nodes=pl.nodes,
              gpus_per_node=pl.gpus_per_node, world=world, batch_per_gpu=d.batch_size, grad_accum=o.grad_accum,
-             global_batch=global_batch, lr=o.lr * global_batch / o.lr_base_size if o.lr_base_size else o.lr,
+             global_batch=global_batch, lr=scaled_lr(cfg, global_batch),
              train_samples=n, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * cfg.schedule.epochs,
              epochs=cfg.schedule.epochs, resolutions=sorted(set(res)), zero_stage=ds.zero_stage,
              precision=ds.precision, model_state_gib=per_gpu / 2 ** 30, train_pflop=train_flops / 1e15,
@@ -220,7 +219,7 @@ def print_plan(cfg: TrainConfig, measure_steps: int = 0) -> Dict[str, Any]:
     ]
     if m is None:
         rows += [
-            ("memory / GPU", f"activations unknown: --measure runs a few steps to measure them"),
+            ("memory / GPU", "activations unknown: --measure runs a few steps to measure them"),
             ("ASSUMED device", f"{p['peak_tflops']:.0f} TFLOP/s peak x {p['utilization']:.0%} utilisation "
                                f"(plan.peak_tflops, plan.utilization; not measured: --measure on the target GPU)"),
         ]

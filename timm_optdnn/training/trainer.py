@@ -180,11 +180,18 @@ def _listing(path: Path, n: int = 4) -> List[str]:
     return names[:n] + ([f"... {len(names) - n} more"] if len(names) > n else [])
 
 
-def create_model(cfg: TrainConfig) -> nn.Module:
+def create_model(cfg: TrainConfig, **kwargs: Any) -> nn.Module:
+    """The recipe's model; `kwargs` go to timm.create_model too (the plan builds it on device="meta")."""
     import timm
     import timm_optdnn  # noqa: F401  (registers the models)
     m = cfg.model
-    return timm.create_model(m.name, num_classes=m.num_classes, drop_path_rate=m.drop_path, **m.kwargs)
+    return timm.create_model(m.name, num_classes=m.num_classes, drop_path_rate=m.drop_path, **m.kwargs, **kwargs)
+
+
+def scaled_lr(cfg: TrainConfig, global_batch: int) -> float:
+    """optim.lr, scaled linearly to the global batch when optim.lr_base_size is set (DeiT's rule)."""
+    o = cfg.optim
+    return o.lr * global_batch / o.lr_base_size if o.lr_base_size else o.lr
 
 
 # ----------------------------------------------------------------------------------------- process-wide settings
@@ -319,7 +326,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.schedule.epochs
         self.max_steps = cfg.schedule.max_steps or self.total_steps
         global_batch = cfg.data.batch_size * cfg.optim.grad_accum * self.world
-        self.lr = cfg.optim.lr * global_batch / cfg.optim.lr_base_size if cfg.optim.lr_base_size else cfg.optim.lr
+        self.lr = scaled_lr(cfg, global_batch)
         optimizer = create_optimizer(model, cfg, self.lr)
         self.optimizer = optimizer
         s = cfg.schedule
